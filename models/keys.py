@@ -1,0 +1,49 @@
+"""Every Redis key, queue, stream name and shared default, in one place.
+
+Producers, workers, tests and dashboards import these names; none of them spells a key by hand.
+All thinfleet keys start with ``thinfleet:`` so that an operator can find (and a test can clean)
+them with one ``SCAN MATCH thinfleet:*``. Kombu's own keys (the queue list, ``unacked`` hash and
+``_kombu.binding.*`` sets) are named by the queue name below.
+"""
+
+PREFIX = "thinfleet"
+
+#: Celery queue (a Redis list of the same name under kombu's Redis transport).
+ROUTE_QUEUE = "thinfleet.route"
+#: Celery task name; the producer sends by name so it never imports worker code.
+ROUTE_TASK = "thinfleet.route_ticket"
+
+#: Redis stream of routed results (one entry per ticket and model sha256).
+RESULTS_STREAM = f"{PREFIX}:results"
+#: Redis stream of tickets that could not be routed, with the reason.
+DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"
+#: The field of a stream entry that holds the JSON document.
+STREAM_FIELD = "json"
+
+# ---- defaults shared by both sides (units in the names) -------------------------------------
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_MAX_TICKET_BYTES = 8 * 1024
+DEFAULT_DEDUPE_WINDOW_S = 24 * 3600
+DEFAULT_RESULT_MARKER_TTL_S = 7 * 24 * 3600
+DEFAULT_RESULTS_MAXLEN = 1_000_000
+DEFAULT_DEAD_LETTER_MAXLEN = 100_000
+
+
+def dedupe_key(ticket_id: str) -> str:
+    """Producer-side dedupe marker: ``SET NX EX`` holding the first task id for ``ticket_id``."""
+    return f"{PREFIX}:dedupe:{ticket_id}"
+
+
+def published_key(ticket_id: str, model_sha256: str) -> str:
+    """Worker-side marker: a result for (ticket, model) is on the results stream (holds its id)."""
+    return f"{PREFIX}:published:{model_sha256[:16]}:{ticket_id}"
+
+
+def attempts_key(task_id: str) -> str:
+    """Attempt counter for one Celery task id; survives worker crashes and redelivery."""
+    return f"{PREFIX}:attempts:{task_id}"
+
+
+def backfill_checkpoint_key(source_digest: str) -> str:
+    """Hash of ``{rows_submitted, ...}`` for one backfill source (file digest + column mapping)."""
+    return f"{PREFIX}:backfill:{source_digest}"

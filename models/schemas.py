@@ -1,0 +1,135 @@
+"""Pydantic v2 schemas for everything that crosses Redis.
+
+* ``TicketEvent``      producer -> Celery queue -> worker
+* ``RoutedResult``     worker -> results stream -> consumers
+* ``DeadLetterEntry``  worker -> dead-letter stream -> operators
+
+Sizes are bytes of UTF-8, times are milliseconds (``*_ms``) unless a name says otherwise.
+The ticket's text limit is configurable per process: validate with
+``TicketEvent.model_validate(data, context={"max_ticket_bytes": n})`` (default 8 KiB).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from models.keys import DEFAULT_MAX_TICKET_BYTES
+
+MAX_METADATA_ITEMS = 32
+MAX_METADATA_VALUE_CHARS = 1024
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class TicketEvent(BaseModel):
+    """One support ticket to route.
+
+    ``ticket_id`` is the caller's id and the idempotency key: the producer enqueues one id once
+    per dedupe window, and the worker publishes one result per (ticket_id, model sha256).
+    ``text`` must be non-blank and at most ``max_ticket_bytes`` of UTF-8 (validation context,
+    default 8 KiB). ``enqueued_at`` is stamped by the producer and yields the queue-wait timing.
+    """
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    ticket_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\s\x00-\x1f]+$")
+    text: str
+    subject: str | None = Field(default=None, max_length=1024)
+    created_at: datetime | None = None
+    source: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    enqueued_at: datetime | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _text_size(cls, text: str, info: ValidationInfo) -> str:
+        limit = DEFAULT_MAX_TICKET_BYTES
+        if info.context and "max_ticket_bytes" in info.context:
+            limit = int(info.context["max_ticket_bytes"])
+        if not text.strip():
+            raise ValueError("ticket text is empty")
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise ValueError(f"ticket text is {size} bytes of UTF-8, over the {limit}-byte limit")
+        return text
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, metadata: dict[str, str]) -> dict[str, str]:
+        if len(metadata) > MAX_METADATA_ITEMS:
+            raise ValueError(f"metadata has {len(metadata)} items, over {MAX_METADATA_ITEMS}")
+        for key, value in metadata.items():
+            if len(key) > 64 or len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"metadata item {key[:64]!r} is too long")
+        return metadata
+
+
+class ModelRef(BaseModel):
+    """Which model produced a result: file name and the sha256 it was verified against."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Timings(BaseModel):
+    """Where a ticket's time went, in milliseconds.
+
+    ``queue_wait_ms`` runs from the producer's ``enqueued_at`` to the task's start (so it includes
+    clock skew between hosts); ``prompt_eval_ms`` is the ticket's own tokens through the model;
+    ``decode_ms`` is label and field decoding; ``total_ms`` is the task's wall time.
+    """
+
+    queue_wait_ms: float | None = None
+    prompt_eval_ms: float
+    decode_ms: float
+    total_ms: float
+
+
+class RoutedResult(BaseModel):
+    """A routed ticket, as published on the results stream (JSON under field ``json``).
+
+    ``label`` is always one of the taxonomy's labels. ``confidence`` in [0, 1] is the model's
+    probability of that label, normalised over the label set. ``route`` is the label's route, or
+    the taxonomy's ``fallback_route`` when confidence is below its threshold (``status``
+    ``"fallback"``). ``fields`` holds the taxonomy's extraction fields, if it asks for any.
+    """
+
+    ticket_id: str
+    label: str
+    route: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    status: Literal["routed", "fallback"]
+    fields: dict[str, str] = Field(default_factory=dict)
+    taxonomy: str
+    model: ModelRef
+    timings: Timings
+    tokens_in: int = Field(ge=0)
+    tokens_out: int = Field(ge=0)
+    worker: str
+    attempt: int = Field(ge=1)
+    routed_at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetterEntry(BaseModel):
+    """A ticket the fleet gave up on, with the reason (JSON under field ``json``).
+
+    ``ticket`` is the event as received: a dict, or the raw payload when it was not even a dict.
+    ``retryable`` says whether re-submitting the same ticket could succeed (it was transient or
+    crashed its worker) or not (the ticket itself was rejected).
+    """
+
+    ticket_id: str | None
+    task_id: str | None
+    reason: str
+    error_type: str
+    retryable: bool
+    attempts: int
+    ticket: dict[str, Any] | str | None
+    worker: str
+    dead_lettered_at: datetime = Field(default_factory=utcnow)

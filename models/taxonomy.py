@@ -1,0 +1,130 @@
+"""The taxonomy: a closed, configurable label set, each label's route, and extraction fields.
+
+A taxonomy is a YAML file that needs no code (see ``models/taxonomies/*.yaml``)::
+
+    name: ecommerce
+    instructions: Classify the customer support ticket.
+    fallback_route: human-triage
+    confidence_threshold: 0.5
+    labels:
+      - {name: Packaging and Shipping, route: logistics, description: ...}
+    fields:
+      - {name: product_name, description: ..., max_tokens: 8}
+
+``load_taxonomy`` accepts a path or the name of a built-in taxonomy. ``Taxonomy.sha256`` is a
+digest of the validated content, so a model manifest can pin the exact taxonomy it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import TaxonomyError
+
+BUILTIN_DIR = Path(str(files("models").joinpath("taxonomies")))
+
+
+class Label(BaseModel):
+    """One label of the closed set, and the route (department or queue) it maps to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=80, pattern=r"^[^\n\"]+$")
+    route: str = Field(min_length=1, max_length=80)
+    description: str | None = None
+
+
+class ExtractionField(BaseModel):
+    """A free-text field the model extracts, bounded to ``max_tokens`` generated tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    description: str
+    max_tokens: int = Field(default=12, ge=1, le=64)
+
+
+class Taxonomy(BaseModel):
+    """A validated taxonomy.
+
+    Raises (through ``load_taxonomy``) ``TaxonomyError`` when labels repeat, a route is empty,
+    the threshold is outside [0, 1] or the file does not parse.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    instructions: str = "Classify the customer support ticket into exactly one category."
+    fallback_route: str
+    confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    labels: list[Label] = Field(min_length=2)
+    fields: list[ExtractionField] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Taxonomy:
+        names = [label.name for label in self.labels]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"labels repeat: {dupes}")
+        field_names = [f.name for f in self.fields]
+        if len(set(field_names)) != len(field_names):
+            raise ValueError("extraction field names repeat")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        """The label strings, in file order."""
+        return [label.name for label in self.labels]
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """label name -> route."""
+        return {label.name: label.route for label in self.labels}
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the taxonomy's canonical JSON (stable across YAML formatting)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def ref(self) -> str:
+        """``name@sha256[:12]``: what a routed result records as its taxonomy."""
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def route_for(self, label: str, confidence: float) -> tuple[str, bool]:
+        """Return ``(route, is_fallback)`` for a decoded label and its confidence in [0, 1]."""
+        if confidence < self.confidence_threshold:
+            return self.fallback_route, True
+        return self.routes[label], False
+
+
+def builtin_taxonomies() -> list[str]:
+    """Names of the taxonomies shipped in ``models/taxonomies``."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_taxonomy(source: str | Path) -> Taxonomy:
+    """Load a taxonomy from a YAML path or a built-in name (``banking77``, ``ecommerce``).
+
+    Raises ``TaxonomyError`` with the file and the first problems when it is missing or invalid.
+    """
+    path = Path(source)
+    if not path.exists() and (BUILTIN_DIR / f"{source}.yaml").exists():
+        path = BUILTIN_DIR / f"{source}.yaml"
+    if not path.is_file():
+        raise TaxonomyError(
+            f"taxonomy {str(source)!r} is neither a file nor a built-in "
+            f"({', '.join(builtin_taxonomies())})"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return Taxonomy.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise TaxonomyError(f"taxonomy {path} is invalid: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Turning labelled tickets into a routing model: splits, fine-tuning, export and evaluation."""
