@@ -1,0 +1,87 @@
+"""The Celery application and the worker's boot sequence.
+
+Start a worker with ``thinfleet worker`` (which checks Redis first) or plainly with
+``celery -A worker.app worker -Q thinfleet.route -E``. Boot has two phases:
+
+1. **Parent** (``worker_init``): plan threads, load the taxonomy, acquire the model
+   (S3 -> sha256 -> per-host cache, under a file lock), start the metrics endpoint. Any failure
+   raises ``SystemExit`` with the reason: the worker never starts consuming. No decode happens in
+   the parent, because OpenMP state does not survive fork.
+2. **Each child** (``worker_process_init``): map the GGUF and evaluate the prefix
+   (``worker.tasks.init_child``).
+
+Celery settings that make a lost worker lose nothing: ``acks_late`` with prefetch 1 and
+``reject_on_worker_lost`` (a killed child's ticket is requeued), a visibility timeout well above
+the hard time limit, and an attempt cap counted in Redis (``worker.tasks``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+
+from models import keys
+from worker.bootstrap import prepare_process
+from worker.settings import WorkerSettings
+
+settings = WorkerSettings()
+METRICS_DIR = prepare_process(settings.metrics_dir)
+
+from worker import metrics  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR is set)
+from worker import tasks  # noqa: E402
+from worker.logs import configure_logging  # noqa: E402
+
+configure_logging(settings.log_level, settings.log_json)
+log = structlog.get_logger("thinfleet.worker")
+
+app = Celery("thinfleet", broker=settings.redis_url)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_default_queue=keys.ROUTE_QUEUE,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.task_soft_time_limit_s,
+    task_time_limit=settings.task_time_limit_s,
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    worker_hijack_root_logger=False,
+    worker_proc_alive_timeout=settings.proc_alive_timeout_s,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+)
+tasks.register(app, settings)
+
+
+@signals.worker_init.connect
+def _parent_boot(sender: Any = None, **_: Any) -> None:
+    concurrency = int(getattr(sender, "concurrency", None) or settings.concurrency)
+    try:
+        tasks.init_parent(settings, concurrency)
+    except Exception as exc:  # noqa: BLE001 - any boot failure must stop the worker
+        log.error("worker_boot_failed", error=str(exc), error_type=type(exc).__name__)
+        raise SystemExit(f"thinfleet worker refused to start: {exc}") from exc
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+            log.info("metrics_serving", port=settings.metrics_port, dir=str(METRICS_DIR))
+        except OSError as exc:
+            log.warning("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
+
+
+@signals.worker_process_init.connect
+def _child_boot(**_: Any) -> None:
+    tasks.init_child()
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(**_: Any) -> None:
+    tasks.close_child()
+    metrics.mark_child_dead(os.getpid())

@@ -1,0 +1,157 @@
+"""A thin wrapper over llama.cpp's C API (through ``llama_cpp``'s ctypes bindings).
+
+Why not ``llama_cpp.Llama``: its ``eval`` copies a vocab-sized row of scores per token into a
+NumPy array (~1 MiB per token for Gemma's 262k vocabulary), and ``save_state``/``load_state``
+copy those rows too. Routing needs neither. This wrapper keeps one context, one batch, and hands
+out the last position's logits as a zero-copy view.
+
+Import this module only in a process that will decode (a worker child, a benchmark, a test):
+importing ``llama_cpp`` loads libgomp, which reads ``OMP_WAIT_POLICY`` once, at load time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from models.errors import ModelUnavailable
+from worker.cpus import set_openmp_passive
+
+set_openmp_passive()
+
+import llama_cpp  # noqa: E402  (after OMP_WAIT_POLICY is set)
+
+_LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+_BACKEND_READY = False
+
+
+def _init_backend(quiet: bool) -> None:
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        if quiet:
+            llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+
+
+class LlamaRuntime:
+    """One mmap'd GGUF model and one decoding context.
+
+    ``n_ctx`` cells of KV cache (tokens), decoded in chunks of ``n_batch`` tokens (``n_ubatch``
+    per compute step; a smaller ubatch shrinks the compute buffer: 129 MiB at 128 vs 514 MiB at
+    512 measured here for Gemma 3 270M). ``n_seq_max`` sequences share a unified KV cache.
+    The sliding-window layers keep full-size KV (``swa_full``), which is what makes it correct
+    to keep a prefix and drop only a ticket's cells (a pruned window would have lost the
+    prefix's early positions). Raises ``ModelUnavailable`` when the file does not load.
+    """
+
+    def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 256,
+                 n_ubatch: int = 128, n_seq_max: int = 1, quiet: bool = True):
+        _init_backend(quiet)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_mmap = True
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self.model:
+            raise ModelUnavailable(f"llama.cpp could not load {model_path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_ubatch, n_batch)
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.swa_full = True
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelUnavailable(f"llama.cpp could not create a context for {model_path}")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special=False`` keeps control-token text as plain text."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, special)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos,
+                                         special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as empty)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end of turn)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def decode(self, tokens: list[int], pos0: int, seq_id: int = 0) -> npt.NDArray[np.float32]:
+        """Append ``tokens`` to sequence ``seq_id`` at positions ``pos0...``; return the logits
+        after the last token (a view of shape ``[n_vocab]``, valid until the next decode).
+
+        Raises ``RuntimeError`` when llama.cpp fails to find KV space or to compute.
+        """
+        if not tokens:
+            raise ValueError("decode needs at least one token")
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos0 + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = 0
+            batch.logits[len(chunk) - 1] = 1
+            status = llama_cpp.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode returned {status}")
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def forget(self, seq_id: int, from_pos: int) -> None:
+        """Drop sequence ``seq_id``'s KV cells at positions >= ``from_pos`` (keep the prefix)."""
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1):
+            raise RuntimeError("llama.cpp refused a partial KV removal")
+
+    def clear(self) -> None:
+        """Drop every KV cell of every sequence."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        """Free the batch, the context and the model (idempotent)."""
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

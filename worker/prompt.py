@@ -1,0 +1,79 @@
+"""The one prompt builder, shared by serving, evaluation and training.
+
+A prompt that differs by one token between training and serving silently costs accuracy, so the
+fine-tuning recipe (``training/``) imports these functions instead of formatting its own text.
+
+Layout (plain text; the base model has no chat template)::
+
+    <bos>{instructions}                       \\
+    Categories:                                |  prefix: identical for every ticket of a
+    - {label}[: {description}]                 |  taxonomy, evaluated once per worker child
+    [Also extract, one per line:               |  and kept in the KV cache (prefix cache)
+    - {field}: {description}]                  |
+    <blank line>                              /
+    Ticket: {ticket text, whitespace folded}  \\  ticket part: tokenized on its own, truncated to
+    Category:                                 /   max_ticket_tokens, removed from the KV cache after
+     {label}\\n                                    answer: label (trie) then each field line
+    {field}: {value}\\n
+
+The ticket's text is tokenized with special-token parsing *off*, so a ticket cannot inject
+control tokens. Prefix and ticket are tokenized separately and concatenated, so that the prefix's
+tokens never depend on the ticket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from models.taxonomy import Taxonomy
+
+LABEL_CUE = "\nCategory:"
+TICKET_LEAD = "Ticket: "
+
+Tokenize = Callable[[str], list[int]]
+
+
+def build_prefix(taxonomy: Taxonomy) -> str:
+    """The taxonomy's shared prefix text (everything before the ticket)."""
+    lines = [taxonomy.instructions.strip(), "Categories:"]
+    for label in taxonomy.labels:
+        lines.append(f"- {label.name}: {label.description}" if label.description
+                     else f"- {label.name}")
+    if taxonomy.fields:
+        lines.append("Also extract, one per line:")
+        lines.extend(f"- {f.name}: {f.description}" for f in taxonomy.fields)
+    return "\n".join(lines) + "\n\n"
+
+
+def fold_ticket_text(text: str, subject: str | None = None) -> str:
+    """Fold all whitespace (newlines included) to single spaces; prepend the subject if any."""
+    body = " ".join(text.split())
+    if subject and subject.strip():
+        body = f"{' '.join(subject.split())} | {body}"
+    return body
+
+
+def encode_ticket(tokenize: Tokenize, text: str, subject: str | None,
+                  max_ticket_tokens: int) -> tuple[list[int], bool]:
+    """Token ids of the ticket part, and whether the ticket was truncated.
+
+    ``tokenize`` must not add BOS and must not parse special tokens. The ticket body is cut to
+    ``max_ticket_tokens`` (head kept); the cue that asks for the label is always kept.
+    """
+    body = tokenize(TICKET_LEAD + fold_ticket_text(text, subject))
+    truncated = len(body) > max_ticket_tokens
+    return body[:max_ticket_tokens] + tokenize(LABEL_CUE), truncated
+
+
+def field_cue(name: str) -> str:
+    """Text forced before an extraction field's value (after the previous line's newline)."""
+    return f"{name}:"
+
+
+def answer_text(label: str, fields: dict[str, str] | None = None,
+                field_order: list[str] | None = None) -> str:
+    """The target answer for training: `` {label}\\n`` then ``{field}: {value}\\n`` lines."""
+    out = f" {label}\n"
+    for name in field_order or []:
+        out += f"{field_cue(name)} {' '.join((fields or {}).get(name, 'Unknown').split())}\n"
+    return out

