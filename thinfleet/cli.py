@@ -1,0 +1,195 @@
+"""The ``thinfleet`` command: a thin CLI over the producer and worker libraries.
+
+    thinfleet worker   [--concurrency N]          start a Celery worker (after checking Redis)
+    thinfleet enqueue  [--text T | stdin]         enqueue one ticket, print its receipt
+    thinfleet backfill FILE [--text-column ...]   enqueue a CSV/JSONL file, resumably
+    thinfleet results  [--follow] [--dead-letter] print stream entries as JSON lines
+    thinfleet route    TEXT --wait                enqueue and wait for the routed result
+    thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
+    thinfleet demo                                the whole fleet on real Banking77 tickets
+
+Exit codes: 0 ok, 1 the system failed (unreachable Redis, worker boot refused), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from models import keys
+from models.errors import ThinfleetError, TicketRejected
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False), flush=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from thinfleet.devstack import redis_reachable
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    if not redis_reachable(settings.redis_url, timeout_s=3):
+        print(f"thinfleet worker: Redis is unreachable at {settings.redis_url} "
+              "(set THINFLEET_REDIS_URL)", file=sys.stderr)
+        return 1
+    from worker.app import app
+
+    concurrency = args.concurrency or settings.concurrency
+    argv = ["worker", "--pool", "prefork", "--concurrency", str(concurrency),
+            "--queues", keys.ROUTE_QUEUE, "--task-events", "--loglevel", settings.log_level,
+            "--without-gossip", "--without-mingle"]
+    if args.hostname or settings.hostname:
+        argv += ["--hostname", args.hostname or settings.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def _producer():  # type: ignore[no-untyped-def]
+    from producer import Producer
+
+    return Producer()
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    text = args.text if args.text is not None else sys.stdin.read()
+    ticket = {"ticket_id": args.ticket_id or f"cli-{uuid.uuid4()}", "text": text}
+    if args.subject:
+        ticket["subject"] = args.subject
+    receipt = _producer().submit(ticket)
+    _print_json(receipt.__dict__)
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from producer.backfill import ColumnMap, backfill
+
+    columns = ColumnMap(text=args.text_column, ticket_id=args.id_column or None,
+                        subject=args.subject_column, metadata=tuple(args.metadata_column or ()))
+    report = backfill(_producer(), Path(args.file), columns,
+                      max_queue_depth=args.max_queue_depth, restart=args.restart)
+    for row, reason in report.rejected:
+        print(f"{args.file}: row {row} rejected: {reason}", file=sys.stderr)
+    summary = {k: v for k, v in report.__dict__.items() if k not in ("task_ids", "rejected")}
+    summary["rejected"] = len(report.rejected)
+    _print_json(summary)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    producer = _producer()
+    stream = keys.DEAD_LETTER_STREAM if args.dead_letter else keys.RESULTS_STREAM
+    shown = 0
+    start = args.start_id or ("$" if args.follow and not args.from_start else "0-0")
+    if start == "$":
+        start = producer.stream_tail_ids()[stream]
+    for entry in producer.follow(stream, start, block_ms=1000, stop_when_idle=not args.follow):
+        _print_json({"id": entry.entry_id, **entry.document})
+        shown += 1
+        if args.count and shown >= args.count:
+            break
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    producer = _producer()
+    ticket = {"ticket_id": args.ticket_id or f"cli-{uuid.uuid4()}", "text": args.text}
+    if not args.wait:
+        _print_json(producer.submit(ticket).__dict__)
+        return 0
+    outcome = producer.route(ticket, timeout_s=args.timeout_s)
+    _print_json(outcome.model_dump(mode="json"))
+    return 0 if outcome.__class__.__name__ == "RoutedResult" else 1
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from models.schemas import DeadLetterEntry, RoutedResult, TicketEvent
+    from models.taxonomy import Taxonomy
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in (TicketEvent, RoutedResult, DeadLetterEntry, Taxonomy):
+        path = out / f"{model.__name__}.schema.json"
+        path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from thinfleet.demo import run_demo
+
+    return run_demo(Path(args.sample), workers=args.concurrency, timeout_s=args.timeout_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and ``--help`` docs)."""
+    parser = argparse.ArgumentParser(prog="thinfleet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="start a routing worker (Celery, prefork)")
+    p.add_argument("--concurrency", type=int, default=0, help="children (default: settings)")
+    p.add_argument("--hostname", help="Celery node name, e.g. worker1@%%h")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("enqueue", help="enqueue one ticket (text from --text or stdin)")
+    p.add_argument("--text")
+    p.add_argument("--ticket-id")
+    p.add_argument("--subject")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("backfill", help="enqueue a CSV or JSONL file of tickets, resumably")
+    p.add_argument("file")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="ticket_id", help="'' to derive ids from row numbers")
+    p.add_argument("--subject-column")
+    p.add_argument("--metadata-column", action="append", help="carry a column as metadata")
+    p.add_argument("--max-queue-depth", type=int, help="pause while the queue is deeper")
+    p.add_argument("--restart", action="store_true", help="ignore the resume checkpoint")
+    p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("results", help="print results (or dead letters) as JSON lines")
+    p.add_argument("--follow", action="store_true", help="keep waiting for new entries")
+    p.add_argument("--from-start", action="store_true", help="with --follow: replay first")
+    p.add_argument("--dead-letter", action="store_true", help="read the dead-letter stream")
+    p.add_argument("--start-id", help="stream id to read after")
+    p.add_argument("--count", type=int, default=0, help="stop after N entries")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("route", help="enqueue TEXT and (with --wait) print its routed result")
+    p.add_argument("text")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--ticket-id")
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("schema", help="write the contract's JSON Schemas")
+    p.add_argument("--out", default="models/schemas")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("demo", help="run the fleet on the Banking77 sample and summarise")
+    p.add_argument("--sample", default="data/banking77/sample.csv")
+    p.add_argument("--concurrency", type=int, default=2, help="worker children")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``thinfleet`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TicketRejected as exc:
+        print(f"thinfleet {args.command}: rejected: {exc}", file=sys.stderr)
+        return 2
+    except (ThinfleetError, TimeoutError) as exc:
+        print(f"thinfleet {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

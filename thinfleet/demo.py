@@ -1,0 +1,150 @@
+"""``thinfleet demo``: the whole fleet, end to end, on real Banking77 tickets.
+
+1. Redis: use ``THINFLEET_REDIS_URL`` if it answers, else start a redis-server (installing
+   Debian's package if needed).
+2. S3: start moto's S3 server, upload the model (Gemma 3 270M Q4_K_M from its PyPI package).
+3. Worker: one ``thinfleet worker`` with N prefork children, pulling the model from S3 into a
+   fresh cache (so the S3 path is the one exercised).
+4. Backfill the sample, follow the results stream until every ticket is routed or
+   dead-lettered, and print throughput, latency, route distribution, accuracy against the
+   gold intents, child memory, and a few routed results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import shutil
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from models import keys, load_taxonomy
+from thinfleet import devstack
+from worker.acquire import sha256_file
+
+VAR = Path("var/demo")
+
+
+@contextlib.contextmanager
+def _redis(workdir: Path) -> Iterator[str]:
+    from producer.settings import ProducerSettings
+
+    url = ProducerSettings().redis_url
+    if devstack.redis_reachable(url):
+        print(f"using the Redis at {url}")
+        yield url
+    else:
+        with devstack.redis_server(workdir) as started:
+            print(f"no Redis at {url}: started redis-server at {started}")
+            yield started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0) -> int:
+    """Run the demo; returns 0 when every sample ticket reached a stream, 1 otherwise."""
+    import os
+
+    from producer import Producer, ProducerSettings
+    from producer.backfill import ColumnMap, backfill
+
+    with sample.open(newline="", encoding="utf-8") as handle:
+        gold = {row["ticket_id"]: row["category"] for row in csv.DictReader(handle)}
+    run = uuid.uuid4().hex[:8]
+    shutil.rmtree(VAR / "cache", ignore_errors=True)
+    taxonomy = load_taxonomy("banking77")
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(_redis(VAR / "redis"))
+        endpoint = stack.enter_context(devstack.s3_server())
+        model = devstack.base_model_file()
+        sha = sha256_file(model)
+        uri = devstack.upload(endpoint, model, "thinfleet-models", f"base/{model.name}")
+        print(f"uploaded {model.name} ({model.stat().st_size / 2**20:.0f} MiB) to {uri} at {endpoint}")
+        env = {"THINFLEET_REDIS_URL": redis_url, "THINFLEET_MODEL_URI": uri,
+               "THINFLEET_MODEL_SHA256": sha, "THINFLEET_S3_ENDPOINT_URL": endpoint,
+               "THINFLEET_MODEL_CACHE_DIR": str((VAR / "cache").resolve()),
+               "THINFLEET_TAXONOMY": "banking77", "THINFLEET_METRICS_PORT": "0"}
+        boot = time.monotonic()
+        worker = devstack.start_worker(env, VAR / "worker.log", concurrency=workers)
+        stack.callback(worker.stop)
+        worker.wait_ready(workers, timeout_s=300)
+        print(f"worker ready with {workers} children in {time.monotonic() - boot:.1f} s "
+              f"(cold: S3 download + verify + map + prefix); log: {VAR / 'worker.log'}")
+
+        os.environ["THINFLEET_REDIS_URL"] = redis_url
+        producer = Producer(ProducerSettings(redis_url=redis_url))
+        start_ids = producer.stream_tail_ids()
+        started = time.monotonic()
+        report = backfill(producer, sample, ColumnMap(metadata=("category",),
+                                                      id_prefix=f"demo-{run}-"))
+        print(f"enqueued {report.submitted} tickets ({len(report.rejected)} rejected) "
+              f"in {report.seconds:.1f} s")
+
+        expected = {f"demo-{run}-{tid}": tid for tid in gold}
+        results: dict[str, dict] = {}
+        dead: dict[str, dict] = {}
+        positions = dict(start_ids)
+        deadline = time.monotonic() + timeout_s
+        while len(results) + len(dead) < len(expected) and time.monotonic() < deadline:
+            for entry in producer.read(positions, block_ms=1000, count=500):
+                positions[entry.stream] = entry.entry_id
+                tid = entry.document.get("ticket_id")
+                if tid in expected:
+                    (results if entry.stream == keys.RESULTS_STREAM else dead)[tid] = entry.document
+        wall_s = time.monotonic() - started
+        memory = {pid: devstack.memory_of(pid) for pid in worker.child_pids()}
+
+    _summarise(results, dead, expected, gold, taxonomy.routes, wall_s, workers, memory)
+    return 0 if len(results) + len(dead) == len(expected) else 1
+
+
+def _summarise(results: dict[str, dict], dead: dict[str, dict], expected: dict[str, str],
+               gold: dict[str, str], routes: dict[str, str], wall_s: float, workers: int,
+               memory: dict[int, dict[str, int]]) -> None:
+    n = len(results)
+    total = [r["timings"]["total_ms"] for r in results.values()]
+    prompt = [r["timings"]["prompt_eval_ms"] for r in results.values()]
+    decode = [r["timings"]["decode_ms"] for r in results.values()]
+    correct = sum(r["label"] == gold[expected[t]] for t, r in results.items())
+    route_ok = sum(r["route"] == routes[gold[expected[t]]] for t, r in results.items())
+    print("\n==== thinfleet demo summary ====")
+    first = next(iter(results.values()), None)
+    if first:
+        print(f"model     {first['model']['name']} sha256 {first['model']['sha256'][:12]}… "
+              f"taxonomy {first['taxonomy']}")
+    print(f"tickets   {len(expected)} sent, {n} routed, {len(dead)} dead-lettered, "
+          f"{len(expected) - n - len(dead)} missing")
+    if n:
+        print(f"speed     {n / wall_s:.2f} tickets/s with {workers} worker children "
+              f"({wall_s:.1f} s from first enqueue to last result)")
+        print(f"latency   per ticket in the worker: p50 {_percentile(total, .5):.0f} ms, "
+              f"p95 {_percentile(total, .95):.0f} ms (prompt eval p50 "
+              f"{statistics.median(prompt):.0f} ms, decode p50 {statistics.median(decode):.0f} ms)")
+        print(f"accuracy  label {correct}/{n} = {correct / n:.1%}; route {route_ok}/{n} = "
+              f"{route_ok / n:.1%} (gold intents of the sample)")
+        dist = Counter(r["route"] for r in results.values())
+        print("routes    " + ", ".join(f"{k} {v}" for k, v in dist.most_common()))
+        low = sum(r["status"] == "fallback" for r in results.values())
+        print(f"fallback  {low} below the confidence threshold went to the fallback route")
+    for pid, mem in memory.items():
+        print(f"child {pid}: RSS {mem.get('rss_kib', 0) / 1024:.0f} MiB, PSS "
+              f"{mem.get('pss_kib', 0) / 1024:.0f} MiB, peak RSS "
+              f"{mem.get('peak_rss_kib', 0) / 1024:.0f} MiB, private "
+              f"{(mem.get('private_clean_kib', 0) + mem.get('private_dirty_kib', 0)) / 1024:.0f} MiB")
+    print("a few routed results:")
+    for tid, r in list(results.items())[:5]:
+        print(f"  gold={gold[expected[tid]]:<32} -> {r['label']} ({r['confidence']:.2f}) "
+              f"route={r['route']}  [{r['timings']['total_ms']:.0f} ms]")
+    import json
+
+    if first:
+        print(json.dumps(first, indent=None)[:600])
+    if dead:
+        print("dead-lettered:", json.dumps(next(iter(dead.values())))[:400])
