@@ -1,0 +1,47 @@
+# thinfleet's build, test and demo targets. CI (.ci/run) calls `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := $(shell scripts/llama-cmake-args.sh)
+LLAMA_FLAGS_ID := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-12)
+# Built wheels are cached per user, keyed by version and flags: a rebuild takes ~7 min on 2 cores.
+WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
+STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
+
+.PHONY: install demo test lint pytest schema clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	scripts/bootstrap-debian.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+	@if ! ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	    -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/thinfleet demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint pytest
+
+schema: install
+	$(BIN)/thinfleet schema --out models/schemas
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
