@@ -25,5 +25,9 @@ class TransientError(ThinfleetError):
     """A passing failure (Redis or S3 briefly unreachable); worth retrying with backoff."""
 
 
+class AttemptsExhausted(ThinfleetError):
+    """A ticket's attempts ran out without one finishing (it crashed or hung its worker)."""
+
+
 class TaxonomyError(ThinfleetError):
     """The taxonomy file is missing or does not validate."""

@@ -10,9 +10,10 @@ Start a worker with ``thinfleet worker`` (which checks Redis first) or plainly w
 2. **Each child** (``worker_process_init``): map the GGUF and evaluate the prefix
    (``worker.tasks.init_child``).
 
-Celery settings that make a lost worker lose nothing: ``acks_late`` with prefetch 1 and
-``reject_on_worker_lost`` (a killed child's ticket is requeued), a visibility timeout well above
-the hard time limit, and an attempt cap counted in Redis (``worker.tasks``).
+Celery settings that make a lost worker lose nothing: ``acks_late`` with prefetch 1,
+``reject_on_worker_lost`` (a killed child's ticket is requeued), ``acks_on_timeout=False`` (so is
+a hard-timed-out one), a visibility timeout well above the hard time limit, and an attempt cap
+counted in Redis (``worker.tasks``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from worker.settings import WorkerSettings
 settings = WorkerSettings()
 METRICS_DIR = prepare_process(settings.metrics_dir)
 
-from worker import metrics  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR is set)
-from worker import tasks  # noqa: E402
+from worker import metrics, tasks  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR is set)
 from worker.logs import configure_logging  # noqa: E402
 
 configure_logging(settings.log_level, settings.log_json)
@@ -46,6 +46,10 @@ app.conf.update(
     task_default_queue=keys.ROUTE_QUEUE,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # A hard time limit kills the child; by default Celery then *acks* the message and the
+    # ticket is gone (celery/celery#9596). Requeue it instead: the attempt cap in Redis
+    # dead-letters a ticket that keeps timing out.
+    task_acks_on_timeout=False,
     worker_prefetch_multiplier=1,
     task_soft_time_limit=settings.task_soft_time_limit_s,
     task_time_limit=settings.task_time_limit_s,
@@ -65,7 +69,7 @@ def _parent_boot(sender: Any = None, **_: Any) -> None:
     concurrency = int(getattr(sender, "concurrency", None) or settings.concurrency)
     try:
         tasks.init_parent(settings, concurrency)
-    except Exception as exc:  # noqa: BLE001 - any boot failure must stop the worker
+    except Exception as exc:
         log.error("worker_boot_failed", error=str(exc), error_type=type(exc).__name__)
         raise SystemExit(f"thinfleet worker refused to start: {exc}") from exc
     if settings.metrics_port:
@@ -79,6 +83,16 @@ def _parent_boot(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_init.connect
 def _child_boot(**_: Any) -> None:
     tasks.init_child()
+
+
+@signals.task_prerun.connect
+def _task_start(task_id: str | None = None, args: Any = None, **_: Any) -> None:
+    tasks.bind_log_context(task_id, args)
+
+
+@signals.task_postrun.connect
+def _task_end(**_: Any) -> None:
+    tasks.clear_log_context()
 
 
 @signals.worker_process_shutdown.connect

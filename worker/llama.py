@@ -11,6 +11,7 @@ importing ``llama_cpp`` loads libgomp, which reads ``OMP_WAIT_POLICY`` once, at 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
 
@@ -151,7 +152,5 @@ class LlamaRuntime:
             self.ctx = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass

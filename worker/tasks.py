@@ -37,7 +37,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from pydantic import ValidationError
 
 from models import keys
-from models.errors import ModelUnavailable, TicketRejected, TransientError
+from models.errors import AttemptsExhausted, ModelUnavailable, TicketRejected, TransientError
 from models.schemas import DeadLetterEntry, ModelRef, RoutedResult, TicketEvent, Timings
 from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
@@ -192,8 +192,8 @@ def validate(payload: Any, max_ticket_bytes: int) -> TicketEvent:
         raise TicketRejected(f"invalid ticket: {problems}") from exc
 
 
-def route_event(state: ChildState, event: TicketEvent, attempt: int, started: float
-                ) -> RoutedResult:
+def route_event(state: ChildState, event: TicketEvent, attempt: int, started: float,
+                node: str | None = None) -> RoutedResult:
     """Run the engine on a validated ticket and build its ``RoutedResult``."""
     outcome = state.engine.route(event.text, event.subject)
     taxonomy = state.parent.taxonomy
@@ -211,8 +211,8 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
         timings=Timings(queue_wait_ms=queue_wait_ms, prompt_eval_ms=outcome.prompt_eval_ms,
                         decode_ms=outcome.decode_ms,
                         total_ms=(time.perf_counter() - started) * 1000),
-        tokens_in=outcome.tokens_in, tokens_out=outcome.tokens_out, worker=state.hostname,
-        attempt=attempt)
+        tokens_in=outcome.tokens_in, tokens_out=outcome.tokens_out,
+        worker=node or state.hostname, attempt=attempt)
 
 
 def handle_ticket(task: Task, payload: Any) -> dict[str, Any] | None:
@@ -221,43 +221,56 @@ def handle_ticket(task: Task, payload: Any) -> dict[str, Any] | None:
     state = child_state()
     settings = state.parent.settings
     task_id = task.request.id
-    with structlog.contextvars.bound_contextvars(ticket_id=_ticket_id(payload), task_id=task_id):
-        attempt = state.publisher.count_attempt(task_id)
-        structlog.contextvars.bind_contextvars(attempt=attempt)
-        if attempt > settings.max_attempts:
-            dead_letter(state, payload, task_id, RuntimeError(
-                f"gave up after {settings.max_attempts} attempts: the last one did not finish "
-                "(worker lost or hard time limit)"), attempt - 1, retryable=True)
-            return None
-        try:
-            event = validate(payload, settings.max_ticket_bytes)
-            earlier = state.publisher.already_published(event.ticket_id, state.model_ref.sha256)
-            if earlier:
-                log.info("ticket_already_published", entry_id=earlier)
-                state.publisher.clear_attempts(task_id)
-                return {"entry_id": earlier, "duplicate": True}
-            result = route_event(state, event, attempt, started)
-            published = state.publisher.publish_result(result)
-        except Retry:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure goes through settle_failure
-            settle_failure(task, state, payload, exc, attempt)
-            return None
-        state.publisher.clear_attempts(task_id)
-        elapsed_s = time.perf_counter() - started
-        metrics.ROUTING_SECONDS.observe(elapsed_s)
-        metrics.PROMPT_SECONDS.observe(result.timings.prompt_eval_ms / 1000)
-        metrics.TOKEN_SECONDS.observe(result.timings.decode_ms / 1000)
-        if result.timings.queue_wait_ms is not None:
-            metrics.QUEUE_WAIT_SECONDS.observe(result.timings.queue_wait_ms / 1000)
-        metrics.TICKETS.labels(route=result.route, status=result.status).inc()
-        metrics.TOKENS.labels("in").inc(result.tokens_in)
-        metrics.TOKENS.labels("out").inc(result.tokens_out)
-        log.info("ticket_routed", label=result.label, route=result.route,
-                 confidence=round(result.confidence, 4), status=result.status,
-                 total_ms=round(elapsed_s * 1000, 1), entry_id=published.entry_id,
-                 duplicate=published.duplicate)
-        return {"entry_id": published.entry_id, "duplicate": published.duplicate}
+    attempt = state.publisher.count_attempt(task_id)
+    structlog.contextvars.bind_contextvars(attempt=attempt)
+    if attempt > settings.max_attempts:
+        dead_letter(state, payload, task_id, AttemptsExhausted(
+            f"gave up after {settings.max_attempts} attempts: the last one did not finish "
+            "(worker lost or hard time limit)"), attempt - 1, retryable=True)
+        return None
+    try:
+        event = validate(payload, settings.max_ticket_bytes)
+        earlier = state.publisher.already_published(event.ticket_id, state.model_ref.sha256)
+        if earlier:
+            log.info("ticket_already_published", entry_id=earlier)
+            state.publisher.clear_attempts(task_id)
+            return {"entry_id": earlier, "duplicate": True}
+        result = route_event(state, event, attempt, started, task.request.hostname)
+        published = state.publisher.publish_result(result)
+    except Retry:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure goes through settle_failure
+        settle_failure(task, state, payload, exc, attempt)
+        return None
+    state.publisher.clear_attempts(task_id)
+    elapsed_s = time.perf_counter() - started
+    metrics.ROUTING_SECONDS.observe(elapsed_s)
+    metrics.PROMPT_SECONDS.observe(result.timings.prompt_eval_ms / 1000)
+    metrics.TOKEN_SECONDS.observe(result.timings.decode_ms / 1000)
+    if result.timings.queue_wait_ms is not None:
+        metrics.QUEUE_WAIT_SECONDS.observe(result.timings.queue_wait_ms / 1000)
+    metrics.TICKETS.labels(route=result.route, status=result.status).inc()
+    metrics.TOKENS.labels("in").inc(result.tokens_in)
+    metrics.TOKENS.labels("out").inc(result.tokens_out)
+    log.info("ticket_routed", label=result.label, route=result.route,
+             confidence=round(result.confidence, 4), status=result.status,
+             total_ms=round(elapsed_s * 1000, 1), entry_id=published.entry_id,
+             duplicate=published.duplicate)
+    return {"entry_id": published.entry_id, "duplicate": published.duplicate}
+
+
+def bind_log_context(task_id: str | None, args: Any) -> None:
+    """Bind ``ticket_id`` and ``task_id`` to every log line until ``clear_log_context``
+    (the worker calls these from Celery's ``task_prerun``/``task_postrun`` signals, so Celery's
+    own lines about the task carry them too)."""
+    structlog.contextvars.clear_contextvars()
+    payload = args[0] if args else None
+    structlog.contextvars.bind_contextvars(ticket_id=_ticket_id(payload), task_id=task_id)
+
+
+def clear_log_context() -> None:
+    """Forget the task's log context."""
+    structlog.contextvars.clear_contextvars()
 
 
 def register(app: Celery, settings: WorkerSettings) -> None:
