@@ -122,7 +122,7 @@ class Producer:
     def read(self, streams: Mapping[str, str], block_ms: int | None = None, count: int = 100
              ) -> list[StreamEntry]:
         """``XREAD`` from ``{stream: last_id}``; returns parsed entries (JSON under ``json``)."""
-        raw = self.redis.xread(dict(streams), count=count, block=block_ms)
+        raw: Any = self.redis.xread(dict(streams), count=count, block=block_ms)  # type: ignore[arg-type]
         out = []
         for stream, entries in raw or []:
             for entry_id, fields in entries:

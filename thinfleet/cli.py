@@ -43,8 +43,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = ["worker", "--pool", "prefork", "--concurrency", str(concurrency),
             "--queues", keys.ROUTE_QUEUE, "--task-events", "--loglevel", settings.log_level,
             "--without-gossip", "--without-mingle"]
-    if args.hostname or settings.hostname:
-        argv += ["--hostname", args.hostname or settings.hostname]
+    hostname = args.hostname or settings.hostname
+    if hostname:
+        argv += ["--hostname", str(hostname)]
     app.worker_main(argv)
     return 0
 
@@ -83,13 +84,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     producer = _producer()
     stream = keys.DEAD_LETTER_STREAM if args.dead_letter else keys.RESULTS_STREAM
-    shown = 0
     start = args.start_id or ("$" if args.follow and not args.from_start else "0-0")
     if start == "$":
         start = producer.stream_tail_ids()[stream]
-    for entry in producer.follow(stream, start, block_ms=1000, stop_when_idle=not args.follow):
+    entries = producer.follow(stream, start, block_ms=1000, stop_when_idle=not args.follow)
+    for shown, entry in enumerate(entries, 1):
         _print_json({"id": entry.entry_id, **entry.document})
-        shown += 1
         if args.count and shown >= args.count:
             break
     return 0
