@@ -119,6 +119,70 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models import load_taxonomy
+    from thinfleet.devstack import base_model_file
+    from training.finetune import Recipe
+    from training.recipe import run_recipe
+
+    recipe = Recipe(epochs=args.epochs, lora_r=args.lora_r, batch_size=args.batch_size,
+                    max_ticket_tokens=args.max_ticket_tokens, seed=args.seed)
+    base = Path(args.base_model) if args.base_model else base_model_file()
+    manifest = run_recipe(Path(args.data), load_taxonomy(args.taxonomy), Path(args.out), base,
+                          recipe, text_column=args.text_column, label_column=args.label_column,
+                          skip_training=args.skip_training)
+    print((Path(args.out) / "eval.md").read_text())
+    print(f"manifest: {manifest}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models import load_taxonomy
+    from thinfleet.devstack import stage_model_dir
+    from training.evaluate import evaluate, markdown_report
+    from training.recipe import read_labelled
+    from worker.acquire import resolve_model
+    from worker.cpus import plan_threads
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    settings = WorkerSettings()
+    taxonomy = load_taxonomy(args.taxonomy)
+    if args.manifest:
+        spec = resolve_model(model_uri="", model_sha256=settings.model_sha256,
+                             manifest_uri=str(stage_model_dir(Path(args.manifest))),
+                             manifest_sha256=None, taxonomy_sha256=taxonomy.sha256,
+                             cache_dir=settings.model_cache_dir)
+    else:
+        from thinfleet.devstack import base_model_file
+        from worker.acquire import sha256_file
+
+        model = Path(args.model) if args.model else base_model_file()
+        spec = resolve_model(model_uri=str(model), model_sha256=sha256_file(model),
+                             manifest_uri="", manifest_sha256=None,
+                             taxonomy_sha256=taxonomy.sha256, cache_dir=settings.model_cache_dir)
+    engine = build_engine(spec, taxonomy, plan_threads(1).threads, settings)
+    rows = read_labelled(Path(args.data), args.text_column, args.label_column)
+    train_rows = read_labelled(Path(args.train_data), args.train_text_column,
+                               args.train_label_column)
+    report = evaluate(engine, spec.name, taxonomy, rows, train_rows, Path(args.data).name,
+                      Path(args.out))
+    print(markdown_report(report))
+    print(f"reports: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from thinfleet.devstack import stage_model_dir, upload_model_dir
+    from worker.acquire import sha256_file
+
+    staged = stage_model_dir(Path(args.manifest))
+    bucket, _, prefix = args.destination.removeprefix("s3://").partition("/")
+    uri = upload_model_dir(args.endpoint_url, staged, bucket, prefix.rstrip("/"))
+    _print_json({"manifest": uri, "manifest_sha256": sha256_file(staged)})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from thinfleet.demo import run_demo
 
@@ -169,6 +233,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="write the contract's JSON Schemas")
     p.add_argument("--out", default="models/schemas")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("train", help="fine-tune a routing model (LoRA + label head), export, "
+                       "evaluate, write its manifest")
+    p.add_argument("data", help="labelled CSV or JSONL")
+    p.add_argument("--taxonomy", default="banking77")
+    p.add_argument("--out", required=True, help="output directory (its name names the model)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-ticket-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")
+    p.add_argument("--skip-training", action="store_true", help="re-export OUT/work only")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model beside the TF-IDF similarity baseline")
+    p.add_argument("--data", default="data/banking77/validation.csv")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="category")
+    p.add_argument("--manifest", help="a model manifest (default: the base model, trie decoding)")
+    p.add_argument("--model", help="a bare GGUF instead of a manifest")
+    p.add_argument("--taxonomy", default="banking77")
+    p.add_argument("--train-data", default="../shared/datasets/banking77/train.csv",
+                   help="rows to fit the baseline (evaluation rows are removed)")
+    p.add_argument("--train-text-column", default="text")
+    p.add_argument("--train-label-column", default="category")
+    p.add_argument("--out", default="var/eval")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("publish", help="upload a model (manifest and files) to S3")
+    p.add_argument("manifest")
+    p.add_argument("destination", help="s3://bucket/prefix")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS)")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("demo", help="run the fleet on the Banking77 sample and summarise")
     p.add_argument("--sample", default="data/banking77/sample.csv")

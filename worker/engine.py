@@ -7,7 +7,9 @@ Per worker child, at boot:
 
 Per ticket (``route``):
   1. evaluate only the ticket's own tokens after the prefix;
-  2. walk the label trie (a model evaluation only at branch points, forced tokens appended free);
+  2. pick the label: with a fine-tuned label head, from the last token's final hidden state (no
+     decoding at all); otherwise by walking the label trie (a model evaluation only at branch
+     points, forced tokens appended free);
   3. if the taxonomy asks for extraction fields, generate each, greedily, bounded by its
      ``max_tokens`` and stopped at a newline or end-of-generation token;
   4. drop the ticket's KV cells (``llama_memory_seq_rm``), leaving the prefix in place.
@@ -25,10 +27,43 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import ModelUnavailable
 from models.taxonomy import Taxonomy
 from worker.llama import LlamaRuntime
-from worker.prompt import build_prefix, encode_ticket, field_cue
+from worker.prompt import PromptStyle, build_prefix, encode_ticket, field_cue
 from worker.trie import LabelTrie
+
+
+@dataclass(frozen=True)
+class LabelHead:
+    """A linear label head on the last prompt token's final hidden state.
+
+    ``weight`` is ``[n_labels, n_embd]``, ``bias`` ``[n_labels]`` (float32), ``labels`` the
+    label names in row order. Trained by ``training.finetune``; stored as ``head.npz``.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    labels: list[str]
+
+    @classmethod
+    def load(cls, path: Path) -> LabelHead:
+        """Read a ``head.npz``. Raises ``ModelUnavailable`` when it is unreadable or malformed."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32),
+                           [str(x) for x in data["labels"]])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelUnavailable(f"label head {path} is unreadable: {exc}") from exc
+        if head.weight.shape[0] != len(head.labels) or head.bias.shape != (len(head.labels),):
+            raise ModelUnavailable(f"label head {path} has inconsistent shapes")
+        return head
+
+    def probabilities(self, hidden: np.ndarray) -> np.ndarray:
+        """Softmax over labels of ``weight @ hidden + bias``; ``hidden`` is ``[n_embd]``."""
+        scores = self.weight @ hidden.astype(np.float32) + self.bias
+        scores = np.exp(scores - scores.max())
+        return scores / scores.sum()
 
 
 @dataclass(frozen=True)
@@ -55,17 +90,24 @@ class RoutingEngine:
     """
 
     def __init__(self, model_path: Path, taxonomy: Taxonomy, *, n_threads: int,
-                 max_ticket_tokens: int = 256, n_batch: int = 256, n_ubatch: int = 128):
+                 max_ticket_tokens: int = 256, n_batch: int = 256, n_ubatch: int = 128,
+                 adapter_path: Path | None = None, head: LabelHead | None = None,
+                 prompt_style: PromptStyle = "catalog"):
         self.taxonomy = taxonomy
         self.max_ticket_tokens = max_ticket_tokens
+        self.head = head
+        if head is not None and head.labels != taxonomy.label_names:
+            raise ModelUnavailable(
+                f"the label head was trained for other labels than taxonomy {taxonomy.ref}")
         started = time.perf_counter()
         # Size the context from the prompt: tokenize with a vocab-only pass would cost a second
         # model load, so over-allocate from character counts (>= 1 char per token) instead.
-        prefix_text = build_prefix(taxonomy)
+        prefix_text = build_prefix(taxonomy, prompt_style)
         answer_budget = 64 + sum(f.max_tokens + 16 for f in taxonomy.fields)
         n_ctx = len(prefix_text) + max_ticket_tokens + answer_budget + 64
         self.runtime = LlamaRuntime(model_path, n_ctx=n_ctx, n_threads=n_threads,
-                                    n_batch=n_batch, n_ubatch=n_ubatch)
+                                    n_batch=n_batch, n_ubatch=n_ubatch, lora_path=adapter_path,
+                                    embeddings=head is not None)
         rt = self.runtime
         self.prefix_ids = rt.tokenize(prefix_text, add_bos=True, special=False)
         newline = rt.tokenize("\n")
@@ -100,10 +142,16 @@ class RoutingEngine:
                 pos += len(tokens)
                 return out
 
-            decision = self.trie.decode(logits, evaluate)
-            tokens_out = len(decision.tokens)
+            if self.head is not None:
+                probs = self.head.probabilities(rt.embedding())
+                best = int(np.argmax(probs))
+                label, confidence = self.head.labels[best], float(probs[best])
+                pending, tokens_out = [*self.trie.sequences[label]], 0
+            else:
+                decision = self.trie.decode(logits, evaluate)
+                label, confidence = decision.label, decision.confidence
+                pending, tokens_out = decision.unevaluated, len(decision.tokens)
             fields: dict[str, str] = {}
-            pending = decision.unevaluated
             for spec in self.taxonomy.fields:
                 logits = evaluate(pending + self.field_cues[spec.name])
                 value, generated = self._generate_line(logits, spec.max_tokens, evaluate)
@@ -114,7 +162,7 @@ class RoutingEngine:
         finally:
             rt.forget(0, base)
         return RouteOutcome(
-            label=decision.label, confidence=decision.confidence, fields=fields,
+            label=label, confidence=confidence, fields=fields,
             tokens_in=len(ticket_ids), tokens_out=tokens_out, evaluations=evaluations,
             prompt_eval_ms=(t1 - t0) * 1000, decode_ms=(t2 - t1) * 1000, truncated=truncated)
 

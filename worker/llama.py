@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,54 @@ def _init_backend(quiet: bool) -> None:
         _BACKEND_READY = True
 
 
+class Vocab:
+    """A model's tokenizer, through llama.cpp: the same ids at training and serving time."""
+
+    def __init__(self, vocab: Any):
+        self._vocab = vocab
+        self.n_tokens = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(vocab))
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special=False`` keeps control-token text as plain text."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, special)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos,
+                                         special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as empty)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end of turn)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+
+def load_vocab(model_path: Path, quiet: bool = True) -> Vocab:
+    """Load only the tokenizer of a GGUF model (no weights). Raises ``ModelUnavailable``."""
+    _init_backend(quiet)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise ModelUnavailable(f"llama.cpp could not read the vocabulary of {model_path}")
+    vocab = Vocab(llama_cpp.llama_model_get_vocab(model))
+    vocab._model = model  # type: ignore[attr-defined]  # keep the model (and vocab) alive
+    return vocab
+
+
 class LlamaRuntime:
     """One mmap'd GGUF model and one decoding context.
 
@@ -50,7 +99,8 @@ class LlamaRuntime:
     """
 
     def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 256,
-                 n_ubatch: int = 128, n_seq_max: int = 1, quiet: bool = True):
+                 n_ubatch: int = 128, n_seq_max: int = 1, lora_path: Path | None = None,
+                 embeddings: bool = False, quiet: bool = True):
         _init_backend(quiet)
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_mmap = True
@@ -58,8 +108,9 @@ class LlamaRuntime:
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             raise ModelUnavailable(f"llama.cpp could not load {model_path}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.vocab = Vocab(llama_cpp.llama_model_get_vocab(self.model))
+        self.n_vocab = self.vocab.n_tokens
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
@@ -70,43 +121,43 @@ class LlamaRuntime:
         cparams.swa_full = True
         cparams.kv_unified = True
         cparams.no_perf = True
+        cparams.embeddings = embeddings
+        if embeddings:
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelUnavailable(f"llama.cpp could not create a context for {model_path}")
+        self.adapter = None
+        if lora_path is not None:
+            self.adapter = llama_cpp.llama_adapter_lora_init(self.model, str(lora_path).encode())
+            if not self.adapter:
+                self.close()
+                raise ModelUnavailable(f"llama.cpp could not load the LoRA adapter {lora_path}")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+                self.close()
+                raise ModelUnavailable(f"llama.cpp refused the LoRA adapter {lora_path}")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
-        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.bos = self.vocab.bos
 
-    # ---- vocabulary ---------------------------------------------------------------------------
+    # ---- vocabulary (delegates) ---------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
-        """Token ids of ``text``; ``special=False`` keeps control-token text as plain text."""
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, special)
-        if n < 0:
-            capacity = -n
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos,
-                                         special)
-        return list(buf[:n])
+        """See ``Vocab.tokenize``."""
+        return self.vocab.tokenize(text, add_bos=add_bos, special=special)
 
     def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as empty)."""
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+        """See ``Vocab.piece``."""
+        return self.vocab.piece(token)
 
     def is_eog(self, token: int) -> bool:
-        """True for end-of-generation tokens (EOS, end of turn)."""
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        """See ``Vocab.is_eog``."""
+        return self.vocab.is_eog(token)
 
     # ---- decoding -----------------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: int, seq_id: int = 0) -> npt.NDArray[np.float32]:
@@ -134,6 +185,14 @@ class LlamaRuntime:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def embedding(self) -> npt.NDArray[np.float32]:
+        """The final hidden state (after the output norm) of the last decoded token, shape
+        ``[n_embd]`` (a copy). Needs ``embeddings=True``."""
+        ptr = llama_cpp.llama_get_embeddings_ith(self.ctx, -1)
+        if not ptr:
+            raise RuntimeError("no embeddings: the runtime was created without embeddings=True")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+
     def forget(self, seq_id: int, from_pos: int) -> None:
         """Drop sequence ``seq_id``'s KV cells at positions >= ``from_pos`` (keep the prefix)."""
         if not llama_cpp.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1):
@@ -146,7 +205,8 @@ class LlamaRuntime:
     def close(self) -> None:
         """Free the batch, the context and the model (idempotent)."""
         if getattr(self, "ctx", None):
-            llama_cpp.llama_batch_free(self._batch)
+            if hasattr(self, "_batch"):
+                llama_cpp.llama_batch_free(self._batch)  # adapters are freed with the model
             llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self.model)
             self.ctx = None

@@ -44,6 +44,10 @@ class WorkerSettings(BaseSettings):
     model_uri: str = Field(
         default="", description="s3://bucket/key or a local path of the GGUF model")
     model_sha256: str = Field(default=DEFAULT_MODEL_SHA256, pattern=r"^[0-9a-f]{64}$")
+    model_manifest: str = Field(
+        default="", description="s3://.../manifest.json or a path; wins over model_uri")
+    manifest_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="pins the manifest (and so all)")
     model_cache_dir: Path = Path.home() / ".cache" / "thinfleet" / "models"
     s3_endpoint_url: str | None = Field(default=None, description="for MinIO or other S3 stores")
     s3_connect_timeout_s: float = 5.0

@@ -41,7 +41,7 @@ from models.errors import AttemptsExhausted, ModelUnavailable, TicketRejected, T
 from models.schemas import DeadLetterEntry, ModelRef, RoutedResult, TicketEvent, Timings
 from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
-from worker.acquire import AcquiredModel, acquire_model
+from worker.acquire import ModelSpec, resolve_model
 from worker.cpus import ThreadPlan, plan_threads
 from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
@@ -57,7 +57,7 @@ class ParentState:
 
     settings: WorkerSettings
     taxonomy: Taxonomy
-    model: AcquiredModel
+    model: ModelSpec
     threads: ThreadPlan
 
 
@@ -83,13 +83,15 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     log.info("thread_plan", cpus=threads.cpus, concurrency=threads.concurrency,
              threads_per_child=threads.threads, source=threads.source)
     taxonomy = load_taxonomy(settings.taxonomy)
-    model = acquire_model(settings.model_uri, settings.model_sha256, settings.model_cache_dir,
-                          endpoint_url=settings.s3_endpoint_url,
-                          connect_timeout_s=settings.s3_connect_timeout_s,
-                          max_attempts=settings.s3_max_attempts,
-                          lock_timeout_s=settings.model_lock_timeout_s)
+    model = resolve_model(
+        model_uri=settings.model_uri, model_sha256=settings.model_sha256,
+        manifest_uri=settings.model_manifest, manifest_sha256=settings.manifest_sha256,
+        taxonomy_sha256=taxonomy.sha256, cache_dir=settings.model_cache_dir,
+        endpoint_url=settings.s3_endpoint_url, connect_timeout_s=settings.s3_connect_timeout_s,
+        max_attempts=settings.s3_max_attempts, lock_timeout_s=settings.model_lock_timeout_s)
     metrics.MODEL_LOAD_SECONDS.labels("acquire").observe(model.seconds)
-    log.info("model_acquired", path=str(model.path), sha256=model.sha256,
+    log.info("model_acquired", model=model.name, sha256=model.sha256, base=str(model.base),
+             adapter=str(model.adapter) if model.adapter else None, decoder=model.decoder,
              downloaded=model.downloaded, seconds=round(model.seconds, 3),
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
     _PARENT = ParentState(settings, taxonomy, model, threads)
@@ -101,12 +103,8 @@ def init_child() -> ChildState:
     global _CHILD
     if _PARENT is None:
         raise ModelUnavailable("the worker parent did not acquire a model")
-    from worker.engine import RoutingEngine  # loads llama.cpp: children only
-
     parent, settings = _PARENT, _PARENT.settings
-    engine = RoutingEngine(parent.model.path, parent.taxonomy, n_threads=parent.threads.threads,
-                           max_ticket_tokens=settings.max_ticket_tokens,
-                           n_batch=settings.n_batch, n_ubatch=settings.n_ubatch)
+    engine = build_engine(parent.model, parent.taxonomy, parent.threads.threads, settings)
     publisher = ResultPublisher(redis.Redis.from_url(settings.redis_url),
                                 settings.results_maxlen, settings.dead_letter_maxlen,
                                 settings.result_marker_ttl_s)
@@ -118,6 +116,23 @@ def init_child() -> ChildState:
     log.info("child_ready", prefix_tokens=engine.prefix_len, load_ms=round(engine.load_ms, 1),
              threads=parent.threads.threads, trie_branch_points=engine.trie.branch_points())
     return _CHILD
+
+
+def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
+                 settings: WorkerSettings) -> Any:
+    """A ``RoutingEngine`` for a resolved model (imports llama.cpp: call in a child only).
+
+    A manifest's ``max_ticket_tokens`` and prompt style win over the settings: serving must see
+    what training saw.
+    """
+    from worker.engine import LabelHead, RoutingEngine
+
+    head = LabelHead.load(spec.head) if spec.head and spec.decoder == "head" else None
+    return RoutingEngine(spec.base, taxonomy, n_threads=threads,
+                         max_ticket_tokens=spec.max_ticket_tokens or settings.max_ticket_tokens,
+                         n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                         adapter_path=spec.adapter, head=head,
+                         prompt_style=spec.prompt_style)  # type: ignore[arg-type]
 
 
 def close_child() -> None:
@@ -283,5 +298,5 @@ def register(app: Celery, settings: WorkerSettings) -> None:
 
 
 def model_path() -> Path | None:
-    """The verified model file of this host (after ``init_parent``)."""
-    return _PARENT.model.path if _PARENT else None
+    """The verified base model file of this host (after ``init_parent``)."""
+    return _PARENT.model.base if _PARENT else None

@@ -1,0 +1,76 @@
+"""The model manifest: what a trained routing model is made of, pinned file by file.
+
+A manifest (``manifest.json``) sits next to its files, locally or under one S3 prefix. Each file
+entry carries its sha256, so pinning the manifest's own sha256 (``THINFLEET_MANIFEST_SHA256``)
+pins every byte the worker loads. The worker also refuses a manifest whose taxonomy hash differs
+from its own taxonomy's: a label head trained on other labels would route silently wrong.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.schemas import utcnow
+
+MANIFEST_FORMAT: Literal["thinfleet-manifest/1"] = "thinfleet-manifest/1"
+MANIFEST_NAME = "manifest.json"
+
+
+class FileRef(BaseModel):
+    """A file of the model, ``path`` relative to the manifest's location."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class TaxonomyRef(BaseModel):
+    """The taxonomy the model was trained for."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    labels: int
+
+
+class DataRef(BaseModel):
+    """The labelled data a model was trained on (digest of the file as read)."""
+
+    source: str
+    sha256: str
+    train_rows: int
+    validation_rows: int
+    split: str
+
+
+class Manifest(BaseModel):
+    """A routing model: base GGUF + optional LoRA adapter + optional label head.
+
+    ``decoder`` is ``"head"`` (a linear head on the last prompt token's final hidden state, one
+    forward pass per ticket) or ``"trie"`` (label-token decoding over the label trie).
+    ``prompt_style`` and ``max_ticket_tokens`` are the ones training used; serving uses the same.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["thinfleet-manifest/1"] = MANIFEST_FORMAT
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,96}$")
+    created_at: datetime = Field(default_factory=utcnow)
+    base_model: FileRef
+    adapter: FileRef | None = None
+    head: FileRef | None = None
+    decoder: Literal["head", "trie"]
+    prompt_style: Literal["catalog", "compact"]
+    max_ticket_tokens: int = Field(ge=8)
+    taxonomy: TaxonomyRef
+    training_data: DataRef | None = None
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def files(self) -> list[FileRef]:
+        """Every file the worker must fetch and verify."""
+        return [f for f in (self.base_model, self.adapter, self.head) if f is not None]

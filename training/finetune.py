@@ -1,0 +1,237 @@
+"""Fine-tune a routing model: LoRA on the base GGUF plus a linear label head.
+
+The objective (chosen by measurement on held-out Banking77, see README): a linear head on the
+final hidden state (after the output norm) of the last prompt token, trained jointly with LoRA
+adapters (rank ``r`` on every attention and MLP projection). The label then costs one forward
+pass and no decoding; confidence is the head's softmax. Measured on these machines before this
+recipe: generative label tokens (71 %), frozen features + logistic regression (89 %), TF-IDF
+(91 %), LoRA + head for one epoch (92.2 %).
+
+Exactness between training and serving:
+* tokens come from llama.cpp's own tokenizer (``worker.llama.load_vocab``) and the prompt from
+  ``worker.prompt`` (the ``compact`` style), so serving sees the same ids;
+* transformers loads the *quantized* GGUF (``gguf_file=``, dequantized to float32), so the
+  adapter is trained against exactly the weights llama.cpp serves;
+* the LM head over Gemma's 262k vocabulary is never computed (it costs more per token than the
+  whole 270M transformer body), only the body's last hidden state.
+
+Runs on CPU (threads from ``worker.cpus``), or on a CUDA GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.taxonomy import Taxonomy
+from worker.prompt import PromptStyle, build_prefix, encode_ticket
+
+HEAD_FILE = "head.npz"
+ADAPTER_DIR = "adapter-hf"
+
+
+@dataclass
+class Recipe:
+    """Every parameter of a training run (recorded in the manifest)."""
+
+    epochs: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_lr: float = 5e-4
+    head_lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    warmup_fraction: float = 0.05
+    max_ticket_tokens: int = 64
+    prompt_style: PromptStyle = "compact"
+    seed: int = 13
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def encode_rows(vocab: Any, taxonomy: Taxonomy, rows: list[tuple[str, str]], recipe: Recipe
+                ) -> tuple[list[list[int]], list[int]]:
+    """Token ids (prefix + ticket, as served) and label indices of ``(text, label)`` rows.
+
+    Raises ``KeyError`` for a label the taxonomy does not have.
+    """
+    index = {name: i for i, name in enumerate(taxonomy.label_names)}
+    prefix = vocab.tokenize(build_prefix(taxonomy, recipe.prompt_style), add_bos=True)
+    ids, labels = [], []
+    for text, label in rows:
+        ticket, _ = encode_ticket(vocab.tokenize, text, None, recipe.max_ticket_tokens)
+        ids.append(prefix + ticket)
+        labels.append(index[label])
+    return ids, labels
+
+
+def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches in random order: little padding, still shuffled."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class RouterModel:
+    """The base model's transformer body with LoRA, plus a linear head (torch modules)."""
+
+    def __init__(self, base_gguf: Path, n_labels: int, recipe: Recipe, device: str):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        causal = AutoModelForCausalLM.from_pretrained(
+            str(base_gguf.parent), gguf_file=base_gguf.name, dtype=torch.float32)
+        self.config = causal.config
+        # A config derived from a GGUF has no ``architectures``; llama.cpp's converter needs it.
+        self.config.architectures = [type(causal).__name__]
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                            lora_dropout=recipe.lora_dropout,
+                            target_modules=recipe.target_modules, bias="none")
+        self.peft = get_peft_model(causal, config).to(device)
+        hidden = int(getattr(self.config, "hidden_size", 0) or self.config.text_config.hidden_size)
+        self.head = torch.nn.Linear(hidden, n_labels).to(device)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.device = device
+
+    def body(self) -> Any:
+        """The transformer body (embeddings, layers, final norm) under the LoRA wrapper."""
+        return self.peft.base_model.model.model  # type: ignore[union-attr]
+
+    def features(self, batch_ids: list[list[int]]) -> Any:
+        """Final hidden state of each sequence's last token: float tensor ``[batch, hidden]``."""
+        import torch
+
+        width = max(len(x) for x in batch_ids)
+        ids = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, seq in enumerate(batch_ids):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.body()(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(batch_ids), device=self.device), last]
+
+    def logits(self, batch_ids: list[list[int]]) -> Any:
+        """Head logits ``[batch, n_labels]``."""
+        return self.head(self.features(batch_ids))
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` produced: where, how long, and the PyTorch-side validation accuracy."""
+
+    out_dir: Path
+    seconds: float
+    steps: int
+    tokens: int
+    torch_validation_accuracy: float | None
+    device: str
+    threads: int
+
+
+def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]],
+          out_dir: Path, recipe: Recipe, validation_rows: list[tuple[str, str]] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train LoRA + head on ``train_rows``; save the PEFT adapter and the head in ``out_dir``.
+
+    ``out_dir/adapter-hf/`` holds the PEFT adapter (converted to GGUF by ``training.export``),
+    ``out_dir/head.npz`` the head (``weight [n_labels, hidden]``, ``bias [n_labels]``, float32,
+    and ``labels``). Raises ``KeyError`` on labels outside the taxonomy.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from worker.cpus import available_cpus
+    from worker.llama import load_vocab
+
+    seed_everything(recipe.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = available_cpus()
+    torch.set_num_threads(threads)
+    vocab = load_vocab(base_gguf)
+    ids, labels = encode_rows(vocab, taxonomy, train_rows, recipe)
+    model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
+    lora_params = [p for p in model.peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": lora_params, "lr": recipe.lora_lr},
+        {"params": model.head.parameters(), "lr": recipe.head_lr},
+    ], weight_decay=recipe.weight_decay)
+    rng = random.Random(recipe.seed)
+    epochs_whole = math.ceil(recipe.epochs)
+    plan = []
+    for epoch in range(epochs_whole):
+        batches = _batches([len(x) for x in ids], recipe.batch_size, rng)
+        if epoch == epochs_whole - 1 and recipe.epochs < epochs_whole:
+            batches = batches[:int(len(batches) * (recipe.epochs - epoch))]
+        plan.extend(batches)
+    total_steps = len(plan)
+    warmup = max(1, int(total_steps * recipe.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+    model.peft.train()
+    started, tokens, ema = time.monotonic(), 0, None
+    bar = tqdm(plan, desc="fine-tune", unit="batch", disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        batch_ids = [ids[i] for i in batch]
+        target = torch.tensor([labels[i] for i in batch], device=device)
+        loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*lora_params, *model.head.parameters()], 1.0)
+        optimizer.step()
+        scheduler.step()
+        tokens += sum(len(x) for x in batch_ids)
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.monotonic() - started):.0f}")
+    seconds = time.monotonic() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
+    model.config.save_pretrained(str(out_dir / "base-config"))
+    np.savez(out_dir / HEAD_FILE,
+             weight=model.head.weight.detach().cpu().numpy().astype(np.float32),
+             bias=model.head.bias.detach().cpu().numpy().astype(np.float32),
+             labels=np.array(taxonomy.label_names))
+    accuracy = None
+    if validation_rows:
+        accuracy = torch_accuracy(model, vocab, taxonomy, validation_rows, recipe)
+    (out_dir / "train.json").write_text(json.dumps({
+        "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
+        "torch_validation_accuracy": accuracy, "device": device, "threads": threads}, indent=2))
+    return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, device, threads)
+
+
+def torch_accuracy(model: RouterModel, vocab: Any, taxonomy: Taxonomy,
+                   rows: list[tuple[str, str]], recipe: Recipe) -> float:
+    """Accuracy of the PyTorch model on ``rows`` (a sanity check before export)."""
+    import torch
+
+    ids, labels = encode_rows(vocab, taxonomy, rows, recipe)
+    model.peft.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 32):
+            predicted = model.logits(ids[start:start + 32]).argmax(dim=1).cpu().tolist()
+            correct += sum(p == t for p, t in zip(predicted, labels[start:start + 32], strict=True))
+    return correct / len(ids)

@@ -1,0 +1,83 @@
+"""The whole recipe in one call: labelled file -> split -> fine-tune -> export -> eval -> manifest.
+
+``thinfleet train`` is a thin CLI over ``run_recipe``. Output directory layout::
+
+    OUT/manifest.json     what the worker loads (every file pinned by sha256)
+    OUT/adapter.gguf      LoRA adapter (f16 GGUF), applied at load on the base Q4_K_M GGUF
+    OUT/head.npz          the label head
+    OUT/eval.json, .md    validation metrics beside the TF-IDF baseline
+    OUT/work/             PEFT adapter, base config, train.json (not needed to serve)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from models.taxonomy import Taxonomy
+from training.export import convert_adapter, data_ref, write_manifest
+from training.finetune import ADAPTER_DIR, HEAD_FILE, Recipe, train
+from training.split import stratified_split
+
+
+def read_labelled(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    """``(text, label)`` rows from a CSV or JSONL file (see ``producer.backfill.read_rows``)."""
+    from producer.backfill import read_rows
+
+    return [(str(row[text_column]), str(row[label_column])) for row in read_rows(path)]
+
+
+def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Recipe,
+                 eval_rows: list[tuple[str, str]], train_rows: list[tuple[str, str]],
+                 data_name: str, threads: int) -> dict[str, Any]:
+    """Evaluate the exported files in ``out_dir`` through the worker's engine."""
+    from training.evaluate import evaluate
+    from worker.engine import LabelHead, RoutingEngine
+
+    engine = RoutingEngine(base_gguf, taxonomy, n_threads=threads,
+                           max_ticket_tokens=recipe.max_ticket_tokens,
+                           adapter_path=out_dir / "adapter.gguf",
+                           head=LabelHead.load(out_dir / HEAD_FILE),
+                           prompt_style=recipe.prompt_style)
+    try:
+        return evaluate(engine, out_dir.name, taxonomy, eval_rows, train_rows, data_name, out_dir)
+    finally:
+        engine.close()
+
+
+def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, recipe: Recipe,
+               *, text_column: str = "text", label_column: str = "label",
+               skip_training: bool = False) -> Path:
+    """Run the recipe; returns the manifest's path. ``skip_training`` re-exports and
+    re-evaluates an existing ``out_dir/work``. Raises ``KeyError`` on unknown labels."""
+    from worker.cpus import available_cpus
+
+    rows = read_labelled(data, text_column, label_column)
+    unknown = {label for _, label in rows} - set(taxonomy.label_names)
+    if unknown:
+        raise KeyError(f"labels outside taxonomy {taxonomy.name}: {sorted(unknown)[:5]}")
+    train_rows, eval_rows = stratified_split(rows, seed=recipe.seed)
+    work = out_dir / "work"
+    if not skip_training:
+        train(base_gguf, taxonomy, train_rows, work, recipe)
+    convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
+    shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
+    report = evaluate_dir(out_dir, base_gguf, taxonomy, recipe, eval_rows, train_rows,
+                          f"{data.name} (stratified validation, seed {recipe.seed})",
+                          available_cpus())
+    metrics = {system: {k: v for k, v in report[system].items()
+                        if k not in ("per_label_worst_first", "confusion_pairs")}
+               for system in ("model", "baseline")}
+    train_info = json.loads((work / "train.json").read_text())
+    return write_manifest(
+        out_dir, name=out_dir.name, base_gguf=base_gguf, taxonomy=taxonomy,
+        adapter=out_dir / "adapter.gguf", head=out_dir / HEAD_FILE, decoder="head",
+        prompt_style=recipe.prompt_style, max_ticket_tokens=recipe.max_ticket_tokens,
+        data=data_ref(data, len(train_rows), len(eval_rows),
+                      f"stratified {len(eval_rows)}/{len(rows)}, seed {recipe.seed}"),
+        recipe={**train_info["recipe"], "train_seconds": train_info["seconds"],
+                "train_tokens": train_info["tokens"], "device": train_info["device"],
+                "threads": train_info["threads"]},
+        metrics=metrics)
