@@ -181,3 +181,33 @@ def test_ticket_that_kills_its_worker_is_dead_lettered(redis_url: str, s3_endpoi
     entry = found["killer-1"]
     assert entry["stream"] == keys.DEAD_LETTER_STREAM
     assert entry["retryable"] is True and entry["attempts"] >= 2
+
+
+def test_worker_serves_a_manifest_from_s3_and_refuses_a_foreign_one(
+        redis_url: str, s3_endpoint: str, model_file: Path, tmp_path: Path) -> None:
+    from tests.test_manifest import make_model_dir
+    from worker.acquire import sha256_file
+
+    db = redis_url.rsplit("/", 1)[0] + "/4"
+    redis.Redis.from_url(db).flushdb()
+    manifest = make_model_dir(tmp_path, model_file)  # banking77 head, always label #1
+    uri = devstack.upload_model_dir(s3_endpoint, manifest, "models", "routers/synthetic")
+    env = worker_env(db, s3_endpoint, "", "0" * 64, tmp_path / "cache",
+                     model_manifest=uri, manifest_sha256=sha256_file(manifest))
+    worker = devstack.start_worker(env, tmp_path / "w.log", hostname="manifest")
+    try:
+        worker.wait_ready(1, timeout_s=180)
+        producer = Producer(ProducerSettings(redis_url=db))
+        outcome = producer.route({"ticket_id": "m-1", "text": "Where is my card?"}, timeout_s=60)
+    finally:
+        worker.stop()
+    assert isinstance(outcome, RoutedResult)
+    assert outcome.model.name == "synthetic-head"
+    assert outcome.model.sha256 == sha256_file(manifest)
+    assert outcome.label == load_taxonomy("banking77").label_names[1]
+
+    foreign = worker_env(db, s3_endpoint, "", "0" * 64, tmp_path / "cache2",
+                         model_manifest=uri, taxonomy="ecommerce")
+    refused = devstack.start_worker(foreign, tmp_path / "w2.log", hostname="foreign")
+    assert refused.proc.wait(120) != 0
+    assert "trained for taxonomy banking77" in refused.log_text()

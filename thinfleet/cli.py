@@ -186,7 +186,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from thinfleet.demo import run_demo
 
-    return run_demo(Path(args.sample), workers=args.concurrency, timeout_s=args.timeout_s)
+    return run_demo(Path(args.sample), workers=args.concurrency, timeout_s=args.timeout_s,
+                    model=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", default="data/banking77/sample.csv")
     p.add_argument("--concurrency", type=int, default=2, help="worker children")
     p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--model", choices=["shipped", "base"], default="shipped",
+                   help="the shipped fine-tuned router (default) or the bare base model")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -2,7 +2,9 @@
 
 1. Redis: use ``THINFLEET_REDIS_URL`` if it answers, else start a redis-server (installing
    Debian's package if needed).
-2. S3: start moto's S3 server, upload the model (Gemma 3 270M Q4_K_M from its PyPI package).
+2. S3: start moto's S3 server and upload the model: by default the shipped fine-tuned router
+   (``models/trained/banking77-gemma3-270m-lora``: manifest, LoRA adapter, label head, and the
+   Gemma 3 270M Q4_K_M base from its PyPI package); with ``--model base``, the bare base model.
 3. Worker: one ``thinfleet worker`` with N prefork children, pulling the model from S3 into a
    fresh cache (so the S3 path is the one exercised).
 4. Backfill the sample, follow the results stream until every ticket is routed or
@@ -27,6 +29,7 @@ from thinfleet import devstack
 from worker.acquire import sha256_file
 
 VAR = Path("var/demo")
+SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
 
 
 @contextlib.contextmanager
@@ -48,7 +51,24 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0) -> int:
+def _upload_model(endpoint: str, which: str) -> dict[str, str]:
+    """Upload the demo's model to the local S3; returns the worker's model settings."""
+    if which == "shipped" and SHIPPED_MANIFEST.exists():
+        staged = devstack.stage_model_dir(SHIPPED_MANIFEST)
+        uri = devstack.upload_model_dir(endpoint, staged, "thinfleet-models",
+                                        f"routers/{staged.parent.name}")
+        print(f"uploaded the fine-tuned router {staged.parent.name} (manifest, adapter, head, "
+              f"base) to {uri}")
+        return {"THINFLEET_MODEL_MANIFEST": uri, "THINFLEET_MANIFEST_SHA256": sha256_file(staged)}
+    model = devstack.base_model_file()
+    uri = devstack.upload(endpoint, model, "thinfleet-models", f"base/{model.name}")
+    print(f"uploaded the base model {model.name} ({model.stat().st_size / 2**20:.0f} MiB) to "
+          f"{uri}")
+    return {"THINFLEET_MODEL_URI": uri, "THINFLEET_MODEL_SHA256": sha256_file(model)}
+
+
+def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0,
+             model: str = "shipped") -> int:
     """Run the demo; returns 0 when every sample ticket reached a stream, 1 otherwise."""
     import os
 
@@ -63,12 +83,8 @@ def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0) -> int:
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(_redis(VAR / "redis"))
         endpoint = stack.enter_context(devstack.s3_server())
-        model = devstack.base_model_file()
-        sha = sha256_file(model)
-        uri = devstack.upload(endpoint, model, "thinfleet-models", f"base/{model.name}")
-        print(f"uploaded {model.name} ({model.stat().st_size / 2**20:.0f} MiB) to {uri} at {endpoint}")
-        env = {"THINFLEET_REDIS_URL": redis_url, "THINFLEET_MODEL_URI": uri,
-               "THINFLEET_MODEL_SHA256": sha, "THINFLEET_S3_ENDPOINT_URL": endpoint,
+        env = {**_upload_model(endpoint, model), "THINFLEET_REDIS_URL": redis_url,
+               "THINFLEET_S3_ENDPOINT_URL": endpoint,
                "THINFLEET_MODEL_CACHE_DIR": str((VAR / "cache").resolve()),
                "THINFLEET_TAXONOMY": "banking77", "THINFLEET_METRICS_PORT": "0"}
         boot = time.monotonic()
