@@ -87,6 +87,18 @@ def _download_s3(uri: str, target: Path, endpoint_url: str | None, connect_timeo
         raise ModelUnavailable(f"cannot download {uri} from {endpoint_url or 'AWS S3'}: {exc}") from exc
 
 
+def _fetch(uri: str, target: Path, endpoint_url: str | None, connect_timeout_s: float,
+           max_attempts: int) -> None:
+    """Copy ``uri`` (``s3://bucket/key``, a path or ``file://`` path) to ``target``."""
+    if uri.startswith("s3://"):
+        _download_s3(uri, target, endpoint_url, connect_timeout_s, max_attempts)
+        return
+    source = Path(uri.removeprefix("file://"))
+    if not source.is_file():
+        raise ModelUnavailable(f"{source} does not exist")
+    shutil.copyfile(source, target)
+
+
 def acquire_model(uri: str, sha256: str, cache_dir: Path, *, endpoint_url: str | None = None,
                   connect_timeout_s: float = 5.0, max_attempts: int = 3,
                   lock_timeout_s: float = 600.0, suffix: str = ".gguf") -> AcquiredModel:
@@ -114,13 +126,7 @@ def acquire_model(uri: str, sha256: str, cache_dir: Path, *, endpoint_url: str |
                     target.unlink()  # a corrupted cache entry: fetch it again
             partial = cache_dir / f".{sha256}.{os.getpid()}.partial"
             try:
-                if uri.startswith("s3://"):
-                    _download_s3(uri, partial, endpoint_url, connect_timeout_s, max_attempts)
-                else:
-                    source = Path(uri.removeprefix("file://"))
-                    if not source.is_file():
-                        raise ModelUnavailable(f"model file {source} does not exist")
-                    shutil.copyfile(source, partial)
+                _fetch(uri, partial, endpoint_url, connect_timeout_s, max_attempts)
                 _check(partial, sha256, gguf)
                 with partial.open("rb") as handle:
                     os.fsync(handle.fileno())
@@ -183,13 +189,7 @@ def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
     staging = cache_dir / f".manifest.{os.getpid()}.json"
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if manifest_uri.startswith("s3://"):
-            _download_s3(manifest_uri, staging, endpoint_url, connect_timeout_s, max_attempts)
-        else:
-            source = Path(manifest_uri.removeprefix("file://"))
-            if not source.is_file():
-                raise ModelUnavailable(f"model manifest {source} does not exist")
-            shutil.copyfile(source, staging)
+        _fetch(manifest_uri, staging, endpoint_url, connect_timeout_s, max_attempts)
         digest = sha256_file(staging)
         if manifest_sha256 and digest != manifest_sha256:
             raise ModelUnavailable(f"manifest {manifest_uri} has sha256 {digest}, expected "

@@ -1,0 +1,171 @@
+"""Routing speed, side by side, in one process: same model file, same machine, same tickets.
+
+Systems (each repetition runs them in turn, A/B/C/D, so drift hits them alike):
+
+* ``article``   the reference article's way: a fresh context per ticket, the full system prompt
+                (the label catalog) plus the ticket evaluated every time, free greedy JSON
+                generation (``{"issue_classification": "..."}``) parsed afterwards;
+* ``trie``      thinfleet's engine with the base model: prefix cache + label trie;
+* ``head``      thinfleet's engine with the shipped fine-tuned router: compact prefix cache +
+                LoRA adapter + label head (one forward pass, no decoding);
+* ``floor``     the ticket's own tokens at llama.cpp's measured prompt speed plus one decode
+                step (measured in the same run): no routing can be cheaper on this hardware.
+
+Reported: median over repetitions of each run's p50 and p95 per-ticket latency, tickets/s
+(1 / mean latency, one thread of work), and ratios to the article's way and to the floor.
+
+    .venv/bin/python -m bench.routing --reps 5 --tickets 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE = Path("data/banking77/sample.csv")
+ROUTER = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
+
+
+def load_tickets(n: int) -> list[str]:
+    """``n`` tickets spread over the sample's intents (every k-th row)."""
+    with SAMPLE.open(newline="") as handle:
+        rows = [row["text"] for row in csv.DictReader(handle)]
+    step = max(1, len(rows) // n)
+    return rows[::step][:n]
+
+
+class ArticleWay:
+    """Fresh context per ticket, catalog prompt, free JSON generation parsed afterwards."""
+
+    def __init__(self, model: Path, labels: list[str], threads: int, max_new_tokens: int = 40):
+        from worker.llama import LlamaRuntime
+
+        self.labels = labels
+        self.max_new_tokens = max_new_tokens
+        catalog = "\n".join(f"- {label}" for label in labels)
+        self.system = ("You are an AI designed to assist in interpreting customer support tickets."
+                       " Classify the ticket into one of the following categories:\n"
+                       f"{catalog}\nReturn the information as a JSON string with 1 property: "
+                       "`issue_classification`.\n\n")
+        self.rt = LlamaRuntime(model, n_ctx=2048, n_threads=threads, n_batch=512, n_ubatch=128)
+
+    def route(self, text: str) -> str | None:
+        rt = self.rt
+        rt.clear()
+        prompt = rt.tokenize(f"{self.system}Ticket: {text}\nJSON: ", add_bos=True)
+        logits = rt.decode(prompt, 0)
+        pos, out = len(prompt), bytearray()
+        for _ in range(self.max_new_tokens):
+            token = int(np.argmax(logits))
+            if rt.is_eog(token):
+                break
+            out += rt.piece(token)
+            if b"}" in out:
+                break
+            logits = rt.decode([token], pos)
+            pos += 1
+        try:
+            label = json.loads(out[:out.index(b"}") + 1]).get("issue_classification")
+        except (ValueError, AttributeError):
+            return None
+        return label if label in self.labels else None
+
+
+def measure_floor(model: Path, threads: int) -> tuple[float, float]:
+    """(prompt tokens per second on a 128-token batch, ms of one single-token decode step)."""
+    from worker.llama import LlamaRuntime
+
+    rt = LlamaRuntime(model, n_ctx=1024, n_threads=threads, n_batch=256, n_ubatch=128)
+    tokens = rt.tokenize("my card payment was declined at the shop yesterday " * 20)[:128]
+    speeds, steps = [], []
+    for _ in range(3):
+        rt.clear()
+        started = time.perf_counter()
+        rt.decode(tokens, 0)
+        speeds.append(len(tokens) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        rt.decode([tokens[0]], len(tokens))
+        steps.append((time.perf_counter() - started) * 1000)
+    rt.close()
+    return statistics.median(speeds), statistics.median(steps)
+
+
+def run_system(route: Callable[[str], object], tickets: list[str]) -> list[float]:
+    """Per-ticket latencies (ms) of one pass over ``tickets``."""
+    times = []
+    for text in tickets:
+        started = time.perf_counter()
+        route(text)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tickets", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=0, help="0: all available CPUs")
+    args = parser.parse_args()
+
+    from models import load_taxonomy
+    from thinfleet.devstack import base_model_file, stage_model_dir
+    from worker.acquire import resolve_model
+    from worker.cpus import available_cpus
+    from worker.engine import RoutingEngine
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    threads = args.threads or available_cpus()
+    taxonomy = load_taxonomy("banking77")
+    model = base_model_file()
+    tickets = load_tickets(args.tickets)
+    systems: dict[str, Callable[[str], object]] = {}
+    article = ArticleWay(model, taxonomy.label_names, threads)
+    systems["article"] = article.route
+    trie = RoutingEngine(model, taxonomy, n_threads=threads)
+    systems["trie"] = trie.route
+    if ROUTER.exists():
+        spec = resolve_model(model_uri="", model_sha256="0" * 64,
+                             manifest_uri=str(stage_model_dir(ROUTER)), manifest_sha256=None,
+                             taxonomy_sha256=taxonomy.sha256,
+                             cache_dir=WorkerSettings().model_cache_dir)
+        head = build_engine(spec, taxonomy, threads, WorkerSettings())
+        systems["head"] = head.route
+    ticket_tokens = [len(trie.runtime.tokenize(f"Ticket: {t}")) + 3 for t in tickets]
+    runs: dict[str, list[list[float]]] = {name: [] for name in [*systems, "floor"]}
+    for route in systems.values():  # warm-up, not timed
+        route(tickets[0])
+    for rep in range(args.reps):
+        for name, route in systems.items():
+            runs[name].append(run_system(route, tickets))
+        speed, step_ms = measure_floor(model, threads)
+        runs["floor"].append([n / speed * 1000 + step_ms for n in ticket_tokens])
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+            f"{k} p50 {statistics.median(v[-1]):.0f} ms" for k, v in runs.items()), flush=True)
+
+    def summary(name: str) -> dict[str, float]:
+        p50 = statistics.median(statistics.median(r) for r in runs[name])
+        p95 = statistics.median(float(np.percentile(r, 95)) for r in runs[name])
+        mean = statistics.median(statistics.mean(r) for r in runs[name])
+        return {"p50": p50, "p95": p95, "tps": 1000 / mean, "mean": mean}
+
+    table = {name: summary(name) for name in runs}
+    print(f"\n{len(tickets)} Banking77 tickets, {args.reps} repetitions, {threads} threads, "
+          f"median of per-run figures\n")
+    print("| system | p50 ms | p95 ms | tickets/s | speed-up vs article | × floor |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, row in table.items():
+        print(f"| {name} | {row['p50']:.0f} | {row['p95']:.0f} | {row['tps']:.2f} | "
+              f"{table['article']['mean'] / row['mean']:.1f}× | "
+              f"{row['mean'] / table['floor']['mean']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
