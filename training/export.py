@@ -51,12 +51,18 @@ def llama_cpp_source(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
 
 
 def convert_adapter(peft_dir: Path, base_config_dir: Path, out_file: Path) -> Path:
-    """Convert a PEFT LoRA adapter to a GGUF adapter (f16). Raises ``CalledProcessError``."""
+    """Convert a PEFT LoRA adapter to a GGUF adapter (f16).
+
+    Raises ``RuntimeError`` with the converter's last output lines when it fails.
+    """
     src = llama_cpp_source()
     env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
-    subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base",
-                    str(base_config_dir), "--outtype", "f16", "--outfile", str(out_file),
-                    str(peft_dir)], check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base",
+                           str(base_config_dir), "--outtype", "f16", "--outfile", str(out_file),
+                           str(peft_dir)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise RuntimeError(f"convert_lora_to_gguf.py failed ({done.returncode}):\n{tail}")
     return out_file
 
 

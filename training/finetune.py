@@ -208,7 +208,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     seconds = time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
-    model.config.save_pretrained(str(out_dir / "base-config"))
+    save_base_config(model.config, out_dir / "base-config")
     np.savez(out_dir / HEAD_FILE,
              weight=model.head.weight.detach().cpu().numpy().astype(np.float32),
              bias=model.head.bias.detach().cpu().numpy().astype(np.float32),
@@ -220,6 +220,18 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
         "torch_validation_accuracy": accuracy, "device": device, "threads": threads}, indent=2))
     return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, device, threads)
+
+
+def save_base_config(config: Any, path: Path) -> None:
+    """Save the base model's config for llama.cpp's LoRA converter.
+
+    A config loaded from a GGUF records ``quantization_config: gguf``, which the converter
+    rejects; the adapter does not depend on it, so it is left out.
+    """
+    config.save_pretrained(str(path))
+    data = json.loads((path / "config.json").read_text())
+    data.pop("quantization_config", None)
+    (path / "config.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def torch_accuracy(model: RouterModel, vocab: Any, taxonomy: Taxonomy,
