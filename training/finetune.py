@@ -116,7 +116,8 @@ class RouterModel:
 
     def body(self) -> Any:
         """The transformer body (embeddings, layers, final norm) under the LoRA wrapper."""
-        return self.peft.base_model.model.model  # type: ignore[union-attr]
+        wrapped: Any = self.peft  # typed differently with and without peft installed
+        return wrapped.base_model.model.model
 
     def features(self, batch_ids: list[list[int]]) -> Any:
         """Final hidden state of each sequence's last token: float tensor ``[batch, hidden]``."""
