@@ -15,6 +15,22 @@ from producer.backfill import ColumnMap, backfill
 from thinfleet import devstack
 
 
+@pytest.fixture()
+def r(redis_url: str) -> redis.Redis:
+    """A clean Redis database that no worker consumes (the fleet tests' worker uses db 0), so
+    what these tests enqueue stays in the queue for them to inspect."""
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    client.flushdb()
+    return client
+
+
+@pytest.fixture()
+def producer(r: redis.Redis) -> Producer:
+    kwargs = r.connection_pool.connection_kwargs
+    url = f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs['db']}"
+    return Producer(ProducerSettings(redis_url=url, dedupe_window_s=600))
+
+
 def queued_payloads(r: redis.Redis) -> list[dict]:
     messages = [json.loads(m) for m in r.lrange(keys.ROUTE_QUEUE, 0, -1)]
     return [json.loads(__import__("base64").b64decode(m["body"]))[0][0] for m in messages]
