@@ -13,6 +13,10 @@ ROUTE_QUEUE = "thinfleet.route"
 #: Celery task name; the producer sends by name so it never imports worker code.
 ROUTE_TASK = "thinfleet.route_ticket"
 
+#: Kombu's hash of delivered-but-unacknowledged messages (prefetched or running tickets; with
+#: ``acks_late`` that is every ticket a child holds). ``LLEN`` of the queue does not count them.
+KOMBU_UNACKED = "unacked"
+
 #: Redis stream of routed results (one entry per ticket and model sha256).
 RESULTS_STREAM = f"{PREFIX}:results"
 #: Redis stream of tickets that could not be routed, with the reason.

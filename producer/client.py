@@ -59,11 +59,12 @@ class Producer:
 
     def __init__(self, settings: ProducerSettings | None = None):
         self.settings = settings or ProducerSettings()
-        self.redis = redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=self.settings.redis_timeout_s,
+        self.redis = self.settings.redis_client(
+            socket_timeout=self.settings.redis_timeout_s,
             socket_connect_timeout=self.settings.redis_timeout_s)
-        self.celery = Celery("thinfleet-producer", broker=self.settings.redis_url)
-        self.celery.conf.update(task_serializer="json", accept_content=["json"],
+        self.celery = Celery("thinfleet-producer", broker=self.settings.broker_url())
+        self.celery.conf.update(broker_use_ssl=self.settings.broker_use_ssl(),
+                                task_serializer="json", accept_content=["json"],
                                 task_default_queue=keys.ROUTE_QUEUE,
                                 broker_connection_timeout=self.settings.redis_timeout_s,
                                 broker_connection_max_retries=1)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from models import keys
+from models.connection import RedisConnection
 
 
-class ProducerSettings(BaseSettings):
-    """Configuration of a process that enqueues tickets or reads results."""
+class ProducerSettings(RedisConnection):
+    """Configuration of a process that enqueues tickets or reads results.
+
+    Redis fields (URL, ACL user, password, TLS CA) come from ``models.connection.RedisConnection``.
+    """
 
     model_config = SettingsConfigDict(env_prefix="THINFLEET_", env_file=".env", extra="ignore")
 
-    redis_url: str = keys.DEFAULT_REDIS_URL
     max_ticket_bytes: int = keys.DEFAULT_MAX_TICKET_BYTES
     dedupe_window_s: int = Field(default=keys.DEFAULT_DEDUPE_WINDOW_S, ge=1)
     max_queue_depth: int = Field(default=2000, ge=1, description="backfill pauses above this")

@@ -72,3 +72,28 @@ def test_concurrent_workers_download_once(tmp_path: Path, model_uri: str, model_
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         downloaded = pool.map(_acquire, [(model_uri, model_sha, str(tmp_path), s3_endpoint)] * 3)
     assert sorted(downloaded) == [False, False, True]
+
+
+def test_fetch_model_command_fills_the_cache_an_init_container_hands_over(
+        tmp_path: Path, model_uri: str, model_sha: str, s3_endpoint: str) -> None:
+    """``thinfleet fetch-model`` (the chart's initContainer) caches exactly what the worker's
+    boot then finds without downloading; a wrong pin exits 1 with the reason and caches nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "THINFLEET_MODEL_URI": model_uri, "THINFLEET_MODEL_SHA256": model_sha,
+           "THINFLEET_S3_ENDPOINT_URL": s3_endpoint, "THINFLEET_MODEL_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "thinfleet.cli", "fetch-model"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["sha256"] == model_sha and report["downloaded"]
+    assert not acquire_model(model_uri, model_sha, tmp_path, endpoint_url=s3_endpoint).downloaded
+
+    bad = subprocess.run(cmd, env={**env, "THINFLEET_MODEL_SHA256": "0" * 64,
+                                   "THINFLEET_MODEL_CACHE_DIR": str(tmp_path / "other")},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "expected 0000" in bad.stderr
+    assert not list((tmp_path / "other").glob("*.gguf"))

@@ -140,6 +140,22 @@ def test_metrics_endpoint_serves_routing_histograms(fleet: devstack.WorkerProces
         assert name in text, name
 
 
+def test_probes_and_queue_gauges_on_the_worker_port(fleet: devstack.WorkerProcess,
+                                                     producer: Producer, metrics_port: int) -> None:
+    """What the Helm chart's probes and the dashboard read, from a real worker."""
+    from worker import probes
+
+    base = f"http://127.0.0.1:{metrics_port}"
+    for path in (probes.LIVENESS_PATH, probes.READINESS_PATH):
+        with urllib.request.urlopen(base + path, timeout=5) as response:
+            assert response.status == 200, path
+            assert response.read().startswith(b"ok"), path
+    text = urllib.request.urlopen(base + probes.METRICS_PATH, timeout=5).read().decode()
+    for name in ("thinfleet_queue_depth", "thinfleet_queue_unacked",
+                 "thinfleet_queue_oldest_age_seconds"):
+        assert f'{name}{{queue="{keys.ROUTE_QUEUE}"}}' in text, name
+
+
 def test_worker_refuses_a_mismatched_model(redis_url: str, s3_endpoint: str, model_uri: str,
                                            tmp_path: Path) -> None:
     db = redis_url.rsplit("/", 1)[0] + "/2"

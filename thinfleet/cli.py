@@ -1,6 +1,8 @@
 """The ``thinfleet`` command: a thin CLI over the producer and worker libraries.
 
     thinfleet worker   [--concurrency N]          start a Celery worker (after checking Redis)
+    thinfleet fetch-model                         pull and verify the model into the cache, exit
+    thinfleet probe    ready|live                 ask the local worker's /readyz or /healthz
     thinfleet enqueue  [--text T | stdin]         enqueue one ticket, print its receipt
     thinfleet backfill FILE [--text-column ...]   enqueue a CSV/JSONL file, resumably
     thinfleet results  [--follow] [--dead-letter] print stream entries as JSON lines
@@ -29,13 +31,16 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from thinfleet.devstack import redis_reachable
+    import redis
+
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
-    if not redis_reachable(settings.redis_url, timeout_s=3):
-        print(f"thinfleet worker: Redis is unreachable at {settings.redis_url} "
-              "(set THINFLEET_REDIS_URL)", file=sys.stderr)
+    try:
+        settings.redis_client(socket_connect_timeout=3, socket_timeout=3).ping()
+    except (redis.RedisError, OSError) as exc:
+        print(f"thinfleet worker: Redis is unreachable at {settings.redacted_url()}: {exc} "
+              "(set THINFLEET_REDIS_URL, _USERNAME, _PASSWORD, _TLS_CA_FILE)", file=sys.stderr)
         return 1
     from worker.app import app
 
@@ -48,6 +53,41 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["--hostname", str(hostname)]
     app.worker_main(argv)
     return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from models.taxonomy import load_taxonomy
+    from worker.acquire import resolve_from_settings
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    taxonomy = load_taxonomy(settings.taxonomy)
+    spec = resolve_from_settings(settings, taxonomy.sha256)
+    _print_json({"model": spec.name, "sha256": spec.sha256, "base": str(spec.base),
+                 "adapter": str(spec.adapter) if spec.adapter else None,
+                 "head": str(spec.head) if spec.head else None, "downloaded": spec.downloaded,
+                 "seconds": round(spec.seconds, 3), "taxonomy": taxonomy.ref})
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from worker.probes import LIVENESS_PATH, READINESS_PATH
+    from worker.settings import WorkerSettings
+
+    path = READINESS_PATH if args.which == "ready" else LIVENESS_PATH
+    url = f"http://127.0.0.1:{WorkerSettings().metrics_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout_s) as response:
+            print(response.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode().strip(), file=sys.stderr)
+    except OSError as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _producer():  # type: ignore[no-untyped-def]
@@ -199,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=0, help="children (default: settings)")
     p.add_argument("--hostname", help="Celery node name, e.g. worker1@%%h")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("fetch-model", help="download and verify the configured model into the "
+                       "cache, then exit (a Kubernetes initContainer)")
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("probe", help="ask the local worker's /readyz or /healthz (HEALTHCHECK)")
+    p.add_argument("which", choices=["ready", "live"])
+    p.add_argument("--timeout-s", type=float, default=3.0)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("enqueue", help="enqueue one ticket (text from --text or stdin)")
     p.add_argument("--text")

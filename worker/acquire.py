@@ -19,11 +19,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from filelock import FileLock, Timeout
 
 from models.errors import ModelUnavailable
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 GGUF_MAGIC = b"GGUF"
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
@@ -217,3 +221,14 @@ def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
     return ModelSpec(manifest.name, digest, paths["base"], paths.get("adapter"), paths.get("head"),
                      manifest.decoder, manifest.prompt_style, manifest.max_ticket_tokens,
                      time.perf_counter() - started, downloaded)
+
+
+def resolve_from_settings(settings: WorkerSettings, taxonomy_sha256: str) -> ModelSpec:
+    """``resolve_model`` with a worker's settings (the worker parent and ``thinfleet fetch-model``,
+    a Kubernetes initContainer, acquire the same files into the same cache this way)."""
+    return resolve_model(
+        model_uri=settings.model_uri, model_sha256=settings.model_sha256,
+        manifest_uri=settings.model_manifest, manifest_sha256=settings.manifest_sha256,
+        taxonomy_sha256=taxonomy_sha256, cache_dir=settings.model_cache_dir,
+        endpoint_url=settings.s3_endpoint_url, connect_timeout_s=settings.s3_connect_timeout_s,
+        max_attempts=settings.s3_max_attempts, lock_timeout_s=settings.model_lock_timeout_s)

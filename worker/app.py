@@ -31,14 +31,15 @@ from worker.settings import WorkerSettings
 settings = WorkerSettings()
 METRICS_DIR = prepare_process(settings.metrics_dir)
 
-from worker import metrics, tasks  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR is set)
+from worker import metrics, probes, tasks  # noqa: E402  (after PROMETHEUS_MULTIPROC_DIR is set)
 from worker.logs import configure_logging  # noqa: E402
 
 configure_logging(settings.log_level, settings.log_json)
 log = structlog.get_logger("thinfleet.worker")
 
-app = Celery("thinfleet", broker=settings.redis_url)
+app = Celery("thinfleet", broker=settings.broker_url())
 app.conf.update(
+    broker_use_ssl=settings.broker_use_ssl(),
     task_serializer="json",
     accept_content=["json"],
     result_serializer="json",
@@ -63,6 +64,14 @@ app.conf.update(
 )
 tasks.register(app, settings)
 
+#: Liveness and readiness of this worker parent (``/healthz``, ``/readyz``; see worker.probes).
+PROBES = probes.Probes(settings.liveness_stale_s, ready_children=lambda: 0.0)
+
+
+@signals.heartbeat_sent.connect
+def _heartbeat(**_: Any) -> None:
+    PROBES.beat()
+
 
 @signals.worker_init.connect
 def _parent_boot(sender: Any = None, **_: Any) -> None:
@@ -73,9 +82,15 @@ def _parent_boot(sender: Any = None, **_: Any) -> None:
         log.error("worker_boot_failed", error=str(exc), error_type=type(exc).__name__)
         raise SystemExit(f"thinfleet worker refused to start: {exc}") from exc
     if settings.metrics_port:
+        registry = metrics.multiprocess_registry()
+        registry.register(probes.QueueCollector(
+            settings.redis_client(socket_timeout=2, socket_connect_timeout=2)))
+        ready_registry = metrics.multiprocess_registry()
+        PROBES.ready_children = lambda: probes.ready_children(ready_registry)
         try:
-            metrics.serve(settings.metrics_port)
-            log.info("metrics_serving", port=settings.metrics_port, dir=str(METRICS_DIR))
+            probes.serve(settings.metrics_port, probes.make_app(registry, PROBES))
+            log.info("http_serving", port=settings.metrics_port, dir=str(METRICS_DIR),
+                     paths=list(probes.PROBE_PATHS))
         except OSError as exc:
             log.warning("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
 

@@ -15,7 +15,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     multiprocess,
-    start_http_server,
 )
 
 _FAST = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -50,11 +49,14 @@ READY = Gauge("thinfleet_worker_ready", "1 while this child has a model loaded a
               multiprocess_mode="livesum")
 
 
-def serve(port: int) -> None:
-    """Serve the summed metrics of all processes on ``port`` (call in the parent only)."""
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry that sums every process's metrics from ``PROMETHEUS_MULTIPROC_DIR``.
+
+    Served by the parent (``worker.probes``); children only write their files.
+    """
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    start_http_server(port, registry=registry)
+    return registry
 
 
 def mark_child_dead(pid: int) -> None:

