@@ -10,7 +10,7 @@ LLAMA_FLAGS_ID := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256su
 WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
 STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
-.PHONY: install install-train demo test lint pytest schema train eval bench clean
+.PHONY: install install-train demo test lint pytest schema train eval bench clean chart
 
 install: $(STAMP)
 
@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python scripts/install-helm.py $(BIN)
 	touch $@
 
 demo: install
@@ -49,6 +50,12 @@ eval: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/helm lint --strict helm/thinfleet
+
+# Render the chart as the tests do (default values); e.g. `make chart VALUES=helm/thinfleet/ci/tls-values.yaml`.
+VALUES ?=
+chart: install
+	$(BIN)/helm template thinfleet helm/thinfleet $(if $(VALUES),-f $(VALUES))
 
 pytest: install
 	$(BIN)/pytest

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 LOCALHOST = "127.0.0.1"
 BASE_MODEL_DIR = Path.home() / ".cache" / "thinfleet" / "base-models"
@@ -120,13 +121,20 @@ def s3_server() -> Iterator[str]:
         _stop(proc)
 
 
-def s3_client(endpoint_url: str):  # type: ignore[no-untyped-def]
-    """A boto3 S3 client for the local endpoint."""
+def s3_client(endpoint_url: str | None):  # type: ignore[no-untyped-def]
+    """A boto3 S3 client with boto3's own credential chain (environment, profile, web
+    identity...). Only a loopback endpoint (the local moto server) with no credentials found
+    falls back to ``LOCAL_S3_ENV``'s placeholder keys."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
-                        aws_access_key_id=LOCAL_S3_ENV["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=LOCAL_S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    session = boto3.session.Session()
+    kwargs: dict[str, str] = {}
+    local = endpoint_url is not None and urlsplit(endpoint_url).hostname in (LOCALHOST, "localhost")
+    if local and session.get_credentials() is None:
+        kwargs = {"aws_access_key_id": LOCAL_S3_ENV["AWS_ACCESS_KEY_ID"],
+                  "aws_secret_access_key": LOCAL_S3_ENV["AWS_SECRET_ACCESS_KEY"]}
+    return session.client("s3", endpoint_url=endpoint_url,
+                          region_name=session.region_name or "us-east-1", **kwargs)
 
 
 def upload(endpoint_url: str, path: Path, bucket: str, key: str) -> str:
