@@ -52,6 +52,12 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/helm lint --strict helm/thinfleet
 
+# The speed tables in the README (each takes minutes; run them on an otherwise idle machine).
+bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.routing --reps 5 --tickets 12
+	$(BIN)/python -m bench.fleet --reps 5 --tickets 60
+
 # Render the chart as the tests do (default values); e.g. `make chart VALUES=helm/thinfleet/ci/tls-values.yaml`.
 VALUES ?=
 chart: install

@@ -5,6 +5,11 @@ Systems (each repetition runs them in turn, A/B/C/D, so drift hits them alike):
 * ``article``   the reference article's way: a fresh context per ticket, the full system prompt
                 (the label catalog) plus the ticket evaluated every time, free greedy JSON
                 generation (``{"issue_classification": "..."}``) parsed afterwards;
+* ``server``    llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``,
+                same model, same threads), driven by a plain HTTP client with the article's
+                prompt: ``/v1/completions``, greedy, stop at ``}``, JSON parsed afterwards. Its
+                ``Llama`` keeps the longest common token prefix of consecutive prompts in the KV
+                cache, so it gets prefix reuse for free; what it lacks is the label trie;
 * ``trie``      thinfleet's engine with the base model: prefix cache + label trie;
 * ``head``      thinfleet's engine with the shipped fine-tuned router: compact prefix cache +
                 LoRA adapter + label head (one forward pass, no decoding);
@@ -78,6 +83,66 @@ class ArticleWay:
         return label if label in self.labels else None
 
 
+class ServerWay:
+    """``python -m llama_cpp.server`` in a subprocess, one HTTP request per ticket.
+
+    Needs the server's dependencies (``pip install -e '.[bench]'``). Raises ``RuntimeError``
+    when the server does not come up within ``boot_timeout_s``.
+    """
+
+    def __init__(self, model: Path, system: str, labels: list[str], threads: int,
+                 log: Path = Path("var/bench-server.log"), boot_timeout_s: float = 120.0):
+        import subprocess
+        import sys
+        import urllib.request
+
+        from thinfleet.devstack import free_port
+
+        self.system, self.labels = system, labels
+        self.url = f"http://127.0.0.1:{free_port()}"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host",
+             "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--n_ctx", "2048",
+             "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--n_batch", "512", "--verbose", "False"], stdout=self._log,
+            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + boot_timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
+                break
+            except OSError as exc:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"llama_cpp.server did not start (see {log})") from exc
+                time.sleep(0.5)
+
+    def route(self, text: str) -> str | None:
+        import urllib.request
+
+        body = json.dumps({"prompt": f"{self.system}Ticket: {text}\nJSON: ", "max_tokens": 40,
+                           "temperature": 0.0, "stop": ["}"]}).encode()
+        request = urllib.request.Request(f"{self.url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            completion = json.loads(response.read())["choices"][0]["text"]
+        try:
+            label = json.loads(completion + "}").get("issue_classification")
+        except (ValueError, AttributeError):
+            return None
+        return label if label in self.labels else None
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001 (shutting down a benchmark helper)
+            self.proc.kill()
+        self._log.close()
+
+
 def measure_floor(model: Path, threads: int) -> tuple[float, float]:
     """(prompt tokens per second on a 128-token batch, ms of one single-token decode step)."""
     from worker.llama import LlamaRuntime
@@ -112,6 +177,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tickets", type=int, default=12)
     parser.add_argument("--threads", type=int, default=0, help="0: all available CPUs")
+    parser.add_argument("--no-server", action="store_true", help="skip llama_cpp.server")
     args = parser.parse_args()
 
     from models import load_taxonomy
@@ -129,6 +195,10 @@ def main() -> None:
     systems: dict[str, Callable[[str], object]] = {}
     article = ArticleWay(model, taxonomy.label_names, threads)
     systems["article"] = article.route
+    server = None
+    if not args.no_server:
+        server = ServerWay(model, article.system, taxonomy.label_names, threads)
+        systems["server"] = server.route
     trie = RoutingEngine(model, taxonomy, n_threads=threads)
     systems["trie"] = trie.route
     if ROUTER.exists():
@@ -156,6 +226,8 @@ def main() -> None:
         mean = statistics.median(statistics.mean(r) for r in runs[name])
         return {"p50": p50, "p95": p95, "tps": 1000 / mean, "mean": mean}
 
+    if server is not None:
+        server.close()
     table = {name: summary(name) for name in runs}
     print(f"\n{len(tickets)} Banking77 tickets, {args.reps} repetitions, {threads} threads, "
           f"median of per-run figures\n")

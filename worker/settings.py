@@ -65,6 +65,8 @@ class WorkerSettings(RedisConnection):
     threads_per_child: int = Field(default=0, ge=0, description="0: CPUs available / concurrency")
     n_batch: int = Field(default=256, ge=16)
     n_ubatch: int = Field(default=128, ge=16)
+    cpu_repack: bool = Field(
+        default=True, description="llama.cpp's repacked weights: faster, private copy per child")
 
     # ---- observability -----------------------------------------------------------------------
     metrics_port: int = Field(

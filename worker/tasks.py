@@ -127,7 +127,8 @@ def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
                          max_ticket_tokens=spec.max_ticket_tokens or settings.max_ticket_tokens,
                          n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                          adapter_path=spec.adapter, head=head,
-                         prompt_style=spec.prompt_style)  # type: ignore[arg-type]
+                         prompt_style=spec.prompt_style,  # type: ignore[arg-type]
+                         repack=settings.cpu_repack)
 
 
 def close_child() -> None:
