@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--tickets", type=int, default=60)
     parser.add_argument("--children", default="1,2")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--manifest", type=Path, default=ROUTER, help="the router to serve")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="extra worker setting, e.g. --set n_ubatch=64")
     args = parser.parse_args()
 
     from producer import Producer, ProducerSettings
@@ -91,7 +94,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(devstack.redis_server(VAR / "redis"))
         endpoint = stack.enter_context(devstack.s3_server())
-        staged = devstack.stage_model_dir(ROUTER)
+        staged = devstack.stage_model_dir(args.manifest)
         uri = devstack.upload_model_dir(endpoint, staged, "thinfleet-models", "routers/bench")
         producer = Producer(ProducerSettings(redis_url=redis_url))
         for rep in range(args.reps):
@@ -103,7 +106,9 @@ def main() -> None:
                        "THINFLEET_S3_ENDPOINT_URL": endpoint,
                        "THINFLEET_MODEL_CACHE_DIR": str(cache.resolve()),
                        "THINFLEET_METRICS_PORT": "0", "THINFLEET_METRICS_DIR":
-                       str((VAR / f"metrics-{rep}-{children}").resolve())}
+                       str((VAR / f"metrics-{rep}-{children}").resolve()),
+                       **{f"THINFLEET_{k.upper()}": v for k, _, v in
+                          (item.partition("=") for item in args.set)}}
                 started = time.monotonic()
                 worker = devstack.start_worker(env, VAR / f"worker-{rep}-{children}.log",
                                                concurrency=children, hostname=f"bench{children}")
@@ -119,8 +124,10 @@ def main() -> None:
                     add(children, "pss_total_mib", sum(m["pss_kib"] for m in pss) / 1024)
                     add(children, "pss_child_mib", statistics.mean(m["pss_kib"] for m in pss) / 1024)
                     add(children, "rss_child_mib", statistics.mean(m["rss_kib"] for m in pss) / 1024)
+                    # Private_Dirty: the child's own anonymous memory (Private_Clean would also
+                    # count the model's file pages while only one child maps them).
                     add(children, "private_child_mib", statistics.mean(
-                        (m["private_clean_kib"] + m["private_dirty_kib"]) for m in pss) / 1024)
+                        m["private_dirty_kib"] for m in pss) / 1024)
                 finally:
                     worker.stop()
                 print(f"rep {rep + 1}/{args.reps} children {children}: "
@@ -129,8 +136,8 @@ def main() -> None:
                       flush=True)
 
     med = {c: {k: statistics.median(v) for k, v in f.items()} for c, f in figures.items()}
-    print(f"\nfleet: {len(tickets)}-ticket bursts, {args.reps} repetitions, shipped router "
-          "(label-only), median of per-run figures\n")
+    print(f"\nfleet: {len(tickets)}-ticket bursts, {args.reps} repetitions, {staged.parent.name} "
+          f"(label-only){', ' + ' '.join(args.set) if args.set else ''}, median of per-run figures\n")
     print("| children | tickets/s | task p50 ms | task p95 ms | burst e2e p50 s | PSS/child MiB "
           "| private/child MiB | boot cold s | boot warm s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -49,16 +49,19 @@ def load_tickets(n: int) -> list[str]:
 class ArticleWay:
     """Fresh context per ticket, catalog prompt, free JSON generation parsed afterwards."""
 
-    def __init__(self, model: Path, labels: list[str], threads: int, max_new_tokens: int = 40):
+    def __init__(self, model: Path, labels: list[str], threads: int, max_new_tokens: int = 40,
+                 fields: tuple[str, ...] = ()):
         from worker.llama import LlamaRuntime
 
         self.labels = labels
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens + 40 * len(fields)
         catalog = "\n".join(f"- {label}" for label in labels)
+        properties = ", ".join(f"`{name}`" for name in (*fields, "issue_classification"))
         self.system = ("You are an AI designed to assist in interpreting customer support tickets."
                        " Classify the ticket into one of the following categories:\n"
-                       f"{catalog}\nReturn the information as a JSON string with 1 property: "
-                       "`issue_classification`.\n\n")
+                       f"{catalog}\nReturn the information as a JSON string with "
+                       f"{len(fields) + 1} {'property' if not fields else 'properties'}: "
+                       f"{properties}.\n\n")
         self.rt = LlamaRuntime(model, n_ctx=2048, n_threads=threads, n_batch=512, n_ubatch=128)
 
     def route(self, text: str) -> str | None:
@@ -91,14 +94,15 @@ class ServerWay:
     """
 
     def __init__(self, model: Path, system: str, labels: list[str], threads: int,
-                 log: Path = Path("var/bench-server.log"), boot_timeout_s: float = 120.0):
+                 max_tokens: int = 40, log: Path = Path("var/bench-server.log"),
+                 boot_timeout_s: float = 120.0):
         import subprocess
         import sys
         import urllib.request
 
         from thinfleet.devstack import free_port
 
-        self.system, self.labels = system, labels
+        self.system, self.labels, self.max_tokens = system, labels, max_tokens
         self.url = f"http://127.0.0.1:{free_port()}"
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log = log.open("wb")
@@ -122,7 +126,8 @@ class ServerWay:
     def route(self, text: str) -> str | None:
         import urllib.request
 
-        body = json.dumps({"prompt": f"{self.system}Ticket: {text}\nJSON: ", "max_tokens": 40,
+        body = json.dumps({"prompt": f"{self.system}Ticket: {text}\nJSON: ",
+                           "max_tokens": self.max_tokens,
                            "temperature": 0.0, "stop": ["}"]}).encode()
         request = urllib.request.Request(f"{self.url}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -178,6 +183,11 @@ def main() -> None:
     parser.add_argument("--tickets", type=int, default=12)
     parser.add_argument("--threads", type=int, default=0, help="0: all available CPUs")
     parser.add_argument("--no-server", action="store_true", help="skip llama_cpp.server")
+    parser.add_argument("--fields", action="store_true",
+                        help="extraction fields on: product_name and brief_description (the "
+                        "ecommerce taxonomy's) generated after the label, by every system")
+    parser.add_argument("--manifest", action="append", default=[], metavar="NAME=PATH",
+                        help="another head router to compare, e.g. merged=var/merged/manifest.json")
     args = parser.parse_args()
 
     from models import load_taxonomy
@@ -190,24 +200,31 @@ def main() -> None:
 
     threads = args.threads or available_cpus()
     taxonomy = load_taxonomy("banking77")
+    pinned_sha256 = taxonomy.sha256  # what the routers' manifests were trained for
+    if args.fields:
+        taxonomy = taxonomy.model_copy(update={"fields": load_taxonomy("ecommerce").fields})
+    field_names = tuple(f.name for f in taxonomy.fields)
     model = base_model_file()
     tickets = load_tickets(args.tickets)
     systems: dict[str, Callable[[str], object]] = {}
-    article = ArticleWay(model, taxonomy.label_names, threads)
+    article = ArticleWay(model, taxonomy.label_names, threads, fields=field_names)
     systems["article"] = article.route
     server = None
     if not args.no_server:
-        server = ServerWay(model, article.system, taxonomy.label_names, threads)
+        server = ServerWay(model, article.system, taxonomy.label_names, threads,
+                           max_tokens=article.max_new_tokens)
         systems["server"] = server.route
     trie = RoutingEngine(model, taxonomy, n_threads=threads)
     systems["trie"] = trie.route
-    if ROUTER.exists():
+    heads = {"head": ROUTER} if ROUTER.exists() else {}
+    heads.update({name: Path(path) for name, _, path in
+                  (item.partition("=") for item in args.manifest)})
+    for name, manifest in heads.items():
         spec = resolve_model(model_uri="", model_sha256="0" * 64,
-                             manifest_uri=str(stage_model_dir(ROUTER)), manifest_sha256=None,
-                             taxonomy_sha256=taxonomy.sha256,
+                             manifest_uri=str(stage_model_dir(manifest)), manifest_sha256=None,
+                             taxonomy_sha256=pinned_sha256,
                              cache_dir=WorkerSettings().model_cache_dir)
-        head = build_engine(spec, taxonomy, threads, WorkerSettings())
-        systems["head"] = head.route
+        systems[name] = build_engine(spec, taxonomy, threads, WorkerSettings()).route
     ticket_tokens = [len(trie.runtime.tokenize(f"Ticket: {t}")) + 3 for t in tickets]
     runs: dict[str, list[list[float]]] = {name: [] for name in [*systems, "floor"]}
     for route in systems.values():  # warm-up, not timed
@@ -230,6 +247,7 @@ def main() -> None:
         server.close()
     table = {name: summary(name) for name in runs}
     print(f"\n{len(tickets)} Banking77 tickets, {args.reps} repetitions, {threads} threads, "
+          f"{'fields ' + ', '.join(field_names) if field_names else 'label-only'}, "
           f"median of per-run figures\n")
     print("| system | p50 ms | p95 ms | tickets/s | speed-up vs article | × floor |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -212,6 +212,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from training.merge import export_merged
+
+    path = export_merged(Path(args.manifest), Path(args.out), args.quant, args.threads)
+    _print_json({"manifest": str(path)})
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from thinfleet.devstack import stage_model_dir, upload_model_dir
     from worker.acquire import sha256_file
@@ -314,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="var/eval")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("merge", help="fold a router's LoRA adapter into its base model and "
+                       "quantize it (Q4_K_M or Q8_0): a one-file model with its own manifest")
+    p.add_argument("manifest", help="a router manifest with an adapter")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quant", choices=["Q4_K_M", "Q8_0"], default="Q4_K_M")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("publish", help="upload a model (manifest and files) to S3")
     p.add_argument("manifest")
     p.add_argument("destination", help="s3://bucket/prefix")
@@ -324,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", default="data/banking77/sample.csv")
     p.add_argument("--concurrency", type=int, default=2, help="worker children")
     p.add_argument("--timeout-s", type=float, default=900.0)
-    p.add_argument("--model", choices=["shipped", "base"], default="shipped",
-                   help="the shipped fine-tuned router (default) or the bare base model")
+    p.add_argument("--model", choices=["shipped", "adapter", "base"], default="shipped",
+                   help="the shipped fine-tuned router merged to Q4_K_M (default), the same "
+                   "router with its adapter applied at load, or the bare base model")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,8 +3,10 @@
 1. Redis: use ``THINFLEET_REDIS_URL`` if it answers, else start a redis-server (installing
    Debian's package if needed).
 2. S3: start moto's S3 server and upload the model: by default the shipped fine-tuned router
-   (``models/trained/banking77-gemma3-270m-lora``: manifest, LoRA adapter, label head, and the
-   Gemma 3 270M Q4_K_M base from its PyPI package); with ``--model base``, the bare base model.
+   (``models/trained/banking77-gemma3-270m-lora``: LoRA adapter and label head over the Gemma 3
+   270M Q4_K_M base from its PyPI package), merged into one Q4_K_M file on first use
+   (``thinfleet merge``, the faster export); ``--model adapter`` serves the adapter applied at
+   load instead, ``--model base`` the bare base model.
 3. Worker: one ``thinfleet worker`` with N prefork children, pulling the model from S3 into a
    fresh cache (so the S3 path is the one exercised).
 4. Backfill the sample, follow the results stream until every ticket is routed or
@@ -51,14 +53,27 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def merged_router(manifest: Path = SHIPPED_MANIFEST) -> Path:
+    """The shipped router merged into its base and quantized to Q4_K_M (``thinfleet merge``),
+    built once per shipped manifest (about 30 s) and cached under ``var/``."""
+    from training.merge import export_merged
+
+    out = VAR.parent / "merged" / sha256_file(manifest)[:12]
+    if (out / "manifest.json").exists():
+        return out / "manifest.json"
+    print(f"merging the shipped router's LoRA adapter into its base model (Q4_K_M) in {out}")
+    return export_merged(manifest, out, "Q4_K_M")
+
+
 def _upload_model(endpoint: str, which: str) -> dict[str, str]:
     """Upload the demo's model to the local S3; returns the worker's model settings."""
-    if which == "shipped" and SHIPPED_MANIFEST.exists():
-        staged = devstack.stage_model_dir(SHIPPED_MANIFEST)
+    if which in ("shipped", "adapter") and SHIPPED_MANIFEST.exists():
+        manifest = merged_router() if which == "shipped" else SHIPPED_MANIFEST
+        staged = devstack.stage_model_dir(manifest)
         uri = devstack.upload_model_dir(endpoint, staged, "thinfleet-models",
                                         f"routers/{staged.parent.name}")
-        print(f"uploaded the fine-tuned router {staged.parent.name} (manifest, adapter, head, "
-              f"base) to {uri}")
+        print(f"uploaded the fine-tuned router {staged.parent.name} (manifest, model, head) "
+              f"to {uri}")
         return {"THINFLEET_MODEL_MANIFEST": uri, "THINFLEET_MANIFEST_SHA256": sha256_file(staged)}
     model = devstack.base_model_file()
     uri = devstack.upload(endpoint, model, "thinfleet-models", f"base/{model.name}")
@@ -153,7 +168,7 @@ def _summarise(results: dict[str, dict], dead: dict[str, dict], expected: dict[s
         print(f"child {pid}: RSS {mem.get('rss_kib', 0) / 1024:.0f} MiB, PSS "
               f"{mem.get('pss_kib', 0) / 1024:.0f} MiB, peak RSS "
               f"{mem.get('peak_rss_kib', 0) / 1024:.0f} MiB, private "
-              f"{(mem.get('private_clean_kib', 0) + mem.get('private_dirty_kib', 0)) / 1024:.0f} MiB")
+              f"{mem.get('private_dirty_kib', 0) / 1024:.0f} MiB")
     print("a few routed results:")
     for tid, r in list(results.items())[:5]:
         print(f"  gold={gold[expected[tid]]:<32} -> {r['label']} ({r['confidence']:.2f}) "

@@ -30,7 +30,8 @@ _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 _BACKEND_READY = False
 
 
-def _init_backend(quiet: bool) -> None:
+def init_backend(quiet: bool) -> None:
+    """Initialise llama.cpp once per process; ``quiet`` silences its log (first call decides)."""
     global _BACKEND_READY
     if not _BACKEND_READY:
         if quiet:
@@ -76,7 +77,7 @@ class Vocab:
 
 def load_vocab(model_path: Path, quiet: bool = True) -> Vocab:
     """Load only the tokenizer of a GGUF model (no weights). Raises ``ModelUnavailable``."""
-    _init_backend(quiet)
+    init_backend(quiet)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
@@ -103,7 +104,7 @@ class LlamaRuntime:
     def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 256,
                  n_ubatch: int = 128, n_seq_max: int = 1, lora_path: Path | None = None,
                  embeddings: bool = False, repack: bool = True, quiet: bool = True):
-        _init_backend(quiet)
+        init_backend(quiet)
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_mmap = True
         mparams.n_gpu_layers = 0
