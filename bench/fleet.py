@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--children", default="1,2")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--manifest", type=Path, default=ROUTER, help="the router to serve")
+    parser.add_argument("--fields", action="store_true",
+                        help="extraction fields on: the base model with the label trie and a "
+                        "Banking77 taxonomy carrying the ecommerce taxonomy's two fields")
     parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
                         help="extra worker setting, e.g. --set n_ubatch=64")
     args = parser.parse_args()
@@ -94,15 +97,33 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(devstack.redis_server(VAR / "redis"))
         endpoint = stack.enter_context(devstack.s3_server())
-        staged = devstack.stage_model_dir(args.manifest)
-        uri = devstack.upload_model_dir(endpoint, staged, "thinfleet-models", "routers/bench")
+        if args.fields:
+            import yaml
+
+            from models import load_taxonomy
+
+            taxonomy = load_taxonomy("banking77").model_copy(
+                update={"fields": load_taxonomy("ecommerce").fields})
+            taxonomy_file = (VAR / "banking77-fields.yaml").resolve()
+            taxonomy_file.write_text(yaml.safe_dump(taxonomy.model_dump(mode="json")))
+            base = devstack.base_model_file()
+            model_env = {"THINFLEET_MODEL_URI": devstack.upload(
+                endpoint, base, "thinfleet-models", f"base/{base.name}"),
+                "THINFLEET_MODEL_SHA256": sha256_file(base),
+                "THINFLEET_TAXONOMY": str(taxonomy_file)}
+            served = f"{base.name} (trie, fields product_name and brief_description)"
+        else:
+            staged = devstack.stage_model_dir(args.manifest)
+            model_env = {"THINFLEET_MODEL_MANIFEST": devstack.upload_model_dir(
+                endpoint, staged, "thinfleet-models", "routers/bench"),
+                "THINFLEET_MANIFEST_SHA256": sha256_file(staged)}
+            served = f"{staged.parent.name} (label-only)"
         producer = Producer(ProducerSettings(redis_url=redis_url))
         for rep in range(args.reps):
             for children in children_counts:
                 cache = VAR / f"cache-{children}"
                 cold = not cache.exists()
-                env = {"THINFLEET_MODEL_MANIFEST": uri, "THINFLEET_MANIFEST_SHA256":
-                       sha256_file(staged), "THINFLEET_REDIS_URL": redis_url,
+                env = {**model_env, "THINFLEET_REDIS_URL": redis_url,
                        "THINFLEET_S3_ENDPOINT_URL": endpoint,
                        "THINFLEET_MODEL_CACHE_DIR": str(cache.resolve()),
                        "THINFLEET_METRICS_PORT": "0", "THINFLEET_METRICS_DIR":
@@ -136,8 +157,8 @@ def main() -> None:
                       flush=True)
 
     med = {c: {k: statistics.median(v) for k, v in f.items()} for c, f in figures.items()}
-    print(f"\nfleet: {len(tickets)}-ticket bursts, {args.reps} repetitions, {staged.parent.name} "
-          f"(label-only){', ' + ' '.join(args.set) if args.set else ''}, median of per-run figures\n")
+    print(f"\nfleet: {len(tickets)}-ticket bursts, {args.reps} repetitions, {served}"
+          f"{', ' + ' '.join(args.set) if args.set else ''}, median of per-run figures\n")
     print("| children | tickets/s | task p50 ms | task p95 ms | burst e2e p50 s | PSS/child MiB "
           "| private/child MiB | boot cold s | boot warm s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
