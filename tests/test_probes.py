@@ -66,3 +66,19 @@ def test_queue_gauges_vanish_rather_than_fail_when_redis_is_down() -> None:
     registry = CollectorRegistry()
     registry.register(probes.QueueCollector(redis.Redis(port=1, socket_connect_timeout=0.2)))
     assert b"thinfleet_queue_depth" not in generate_latest(registry)
+
+
+def test_probe_command_fails_clearly_when_no_worker_answers() -> None:
+    """The Docker HEALTHCHECK (`thinfleet probe ready`) exits 1 with the URL it tried."""
+    import os
+    import subprocess
+    import sys
+
+    from thinfleet import devstack
+
+    port = devstack.free_port()  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "thinfleet.cli", "probe", "ready"],
+                          env={**os.environ, "THINFLEET_METRICS_PORT": str(port)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"127.0.0.1:{port}{probes.READINESS_PATH}" in done.stderr
