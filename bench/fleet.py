@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.routing import ROUTER, load_tickets
+from bench.routing import ROUTER, fields_taxonomy, load_tickets
 from models import keys
 from thinfleet import devstack
 from worker.acquire import sha256_file
@@ -100,10 +100,7 @@ def main() -> None:
         if args.fields:
             import yaml
 
-            from models import load_taxonomy
-
-            taxonomy = load_taxonomy("banking77").model_copy(
-                update={"fields": load_taxonomy("ecommerce").fields})
+            taxonomy = fields_taxonomy()
             taxonomy_file = (VAR / "banking77-fields.yaml").resolve()
             taxonomy_file.write_text(yaml.safe_dump(taxonomy.model_dump(mode="json")))
             base = devstack.base_model_file()

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.taxonomy import Taxonomy
+
 SAMPLE = Path("data/banking77/sample.csv")
 ROUTER = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
 
@@ -44,6 +46,15 @@ def load_tickets(n: int) -> list[str]:
         rows = [row["text"] for row in csv.DictReader(handle)]
     step = max(1, len(rows) // n)
     return rows[::step][:n]
+
+
+def fields_taxonomy() -> Taxonomy:
+    """Banking77 with the ecommerce taxonomy's two extraction fields (product_name,
+    brief_description): the "extraction fields on" variant of every benchmark."""
+    from models import load_taxonomy
+
+    return load_taxonomy("banking77").model_copy(
+        update={"fields": load_taxonomy("ecommerce").fields})
 
 
 class ArticleWay:
@@ -202,7 +213,7 @@ def main() -> None:
     taxonomy = load_taxonomy("banking77")
     pinned_sha256 = taxonomy.sha256  # what the routers' manifests were trained for
     if args.fields:
-        taxonomy = taxonomy.model_copy(update={"fields": load_taxonomy("ecommerce").fields})
+        taxonomy = fields_taxonomy()
     field_names = tuple(f.name for f in taxonomy.fields)
     model = base_model_file()
     tickets = load_tickets(args.tickets)
