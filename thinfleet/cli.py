@@ -165,8 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.finetune import Recipe
     from training.recipe import run_recipe
 
+    tuned = {name: getattr(args, name) for name in ("lora_lr", "head_lr", "label_smoothing")
+             if getattr(args, name) is not None}
     recipe = Recipe(epochs=args.epochs, lora_r=args.lora_r, batch_size=args.batch_size,
-                    max_ticket_tokens=args.max_ticket_tokens, seed=args.seed)
+                    max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
     base = Path(args.base_model) if args.base_model else base_model_file()
     manifest = run_recipe(Path(args.data), load_taxonomy(args.taxonomy), Path(args.out), base,
                           recipe, text_column=args.text_column, label_column=args.label_column,
@@ -302,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default: the recipe's)")
+    p.add_argument("--head-lr", type=float, help="head learning rate (default: the recipe's)")
+    p.add_argument("--label-smoothing", type=float,
+                   help="cross-entropy label smoothing, 0..1 (default: the recipe's)")
     p.add_argument("--max-ticket-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")

@@ -50,6 +50,7 @@ class Recipe:
     weight_decay: float = 0.0
     batch_size: int = 16
     warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0
     max_ticket_tokens: int = 64
     prompt_style: PromptStyle = "compact"
     seed: int = 13
@@ -148,6 +149,7 @@ class TrainResult:
     steps: int
     tokens: int
     torch_validation_accuracy: float | None
+    epoch_validation_accuracy: list[float]
     device: str
     threads: int
 
@@ -159,7 +161,10 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
 
     ``out_dir/adapter-hf/`` holds the PEFT adapter (converted to GGUF by ``training.export``),
     ``out_dir/head.npz`` the head (``weight [n_labels, hidden]``, ``bias [n_labels]``, float32,
-    and ``labels``). Raises ``KeyError`` on labels outside the taxonomy.
+    and ``labels``). With ``validation_rows``, the PyTorch model's accuracy on them is measured
+    at the end of every whole epoch and recorded in ``train.json``: a learning curve for the
+    report only; nothing is selected on it (the last step's weights are always the ones saved).
+    Raises ``KeyError`` on labels outside the taxonomy.
     """
     import torch
     from tqdm import tqdm
@@ -181,11 +186,14 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     ], weight_decay=recipe.weight_decay)
     rng = random.Random(recipe.seed)
     epochs_whole = math.ceil(recipe.epochs)
-    plan = []
+    plan: list[list[int]] = []
+    epoch_ends: set[int] = set()
     for epoch in range(epochs_whole):
         batches = _batches([len(x) for x in ids], recipe.batch_size, rng)
         if epoch == epochs_whole - 1 and recipe.epochs < epochs_whole:
             batches = batches[:int(len(batches) * (recipe.epochs - epoch))]
+        else:
+            epoch_ends.add(len(plan) + len(batches))
         plan.extend(batches)
     total_steps = len(plan)
     warmup = max(1, int(total_steps * recipe.warmup_fraction))
@@ -193,11 +201,13 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
     model.peft.train()
     started, tokens, ema = time.monotonic(), 0, None
+    curve: list[float] = []
     bar = tqdm(plan, desc="fine-tune", unit="batch", disable=not progress, dynamic_ncols=True)
-    for batch in bar:
+    for step, batch in enumerate(bar, start=1):
         batch_ids = [ids[i] for i in batch]
         target = torch.tensor([labels[i] for i in batch], device=device)
-        loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target)
+        loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target,
+                                                 label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*lora_params, *model.head.parameters()], 1.0)
@@ -206,6 +216,10 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         tokens += sum(len(x) for x in batch_ids)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.monotonic() - started):.0f}")
+        if validation_rows and step in epoch_ends and step != total_steps:
+            curve.append(torch_accuracy(model, vocab, taxonomy, validation_rows, recipe))
+            bar.write(f"epoch {len(curve)}: validation accuracy {curve[-1]:.4f}")
+            model.peft.train()
     seconds = time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
@@ -217,10 +231,12 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     accuracy = None
     if validation_rows:
         accuracy = torch_accuracy(model, vocab, taxonomy, validation_rows, recipe)
+        curve.append(accuracy)
     (out_dir / "train.json").write_text(json.dumps({
         "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
-        "torch_validation_accuracy": accuracy, "device": device, "threads": threads}, indent=2))
-    return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, device, threads)
+        "torch_validation_accuracy": accuracy, "epoch_validation_accuracy": curve,
+        "device": device, "threads": threads}, indent=2))
+    return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, curve, device, threads)
 
 
 def save_base_config(config: Any, path: Path) -> None:

@@ -61,7 +61,7 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
     train_rows, eval_rows = stratified_split(rows, seed=recipe.seed)
     work = out_dir / "work"
     if not skip_training:
-        train(base_gguf, taxonomy, train_rows, work, recipe)
+        train(base_gguf, taxonomy, train_rows, work, recipe, validation_rows=eval_rows)
     convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
     shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
     report = evaluate_dir(out_dir, base_gguf, taxonomy, recipe, eval_rows, train_rows,
