@@ -165,9 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.finetune import Recipe
     from training.recipe import run_recipe
 
-    tuned = {name: getattr(args, name) for name in ("lora_lr", "head_lr", "label_smoothing")
+    tuned = {name: getattr(args, name)
+             for name in ("epochs", "lora_lr", "head_lr", "label_smoothing")
              if getattr(args, name) is not None}
-    recipe = Recipe(epochs=args.epochs, lora_r=args.lora_r, batch_size=args.batch_size,
+    recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
     base = Path(args.base_model) if args.base_model else base_model_file()
     manifest = run_recipe(Path(args.data), load_taxonomy(args.taxonomy), Path(args.out), base,
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (its name names the model)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, help="passes over the training rows "
+                   "(default: the recipe's)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default: the recipe's)")

@@ -5,7 +5,8 @@ final hidden state (after the output norm) of the last prompt token, trained joi
 adapters (rank ``r`` on every attention and MLP projection). The label then costs one forward
 pass and no decoding; confidence is the head's softmax. Measured on these machines before this
 recipe: generative label tokens (71 %), frozen features + logistic regression (89 %), TF-IDF
-(91 %), LoRA + head for one epoch (92.2 %).
+(91 %), LoRA + head for one epoch (92.2 %). With the head: 2 epochs 92.0 %, 3 epochs with label
+smoothing 0.1 93.2 % (the shipped router).
 
 Exactness between training and serving:
 * tokens come from llama.cpp's own tokenizer (``worker.llama.load_vocab``) and the prompt from
@@ -39,9 +40,14 @@ ADAPTER_DIR = "adapter-hf"
 
 @dataclass
 class Recipe:
-    """Every parameter of a training run (recorded in the manifest)."""
+    """Every parameter of a training run (recorded in the manifest).
 
-    epochs: float = 1.0
+    The defaults are the shipped router's recipe: 3 epochs with label smoothing 0.1 reached
+    93.2 % on the held-out Banking77 split, where 2 epochs without smoothing reached 92.0 %
+    (README, "Fine-tuning"). Label smoothing follows Szegedy et al., 2016 (arXiv:1512.00567).
+    """
+
+    epochs: float = 3.0
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -50,7 +56,7 @@ class Recipe:
     weight_decay: float = 0.0
     batch_size: int = 16
     warmup_fraction: float = 0.05
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     max_ticket_tokens: int = 64
     prompt_style: PromptStyle = "compact"
     seed: int = 13
