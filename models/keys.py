@@ -13,6 +13,11 @@ ROUTE_QUEUE = "thinfleet.route"
 #: Celery task name; the producer sends by name so it never imports worker code.
 ROUTE_TASK = "thinfleet.route_ticket"
 
+#: The keyword argument ``worker.transport`` puts on a message it could not decode (bad JSON,
+#: not a kombu envelope): ``{"reason": str, "excerpt": str, "bytes": int}``. The routing task
+#: dead-letters it as ``malformed``.
+MALFORMED_KWARG = "thinfleet_malformed"
+
 #: Kombu's hash of delivered-but-unacknowledged messages (prefetched or running tickets; with
 #: ``acks_late`` that is every ticket a child holds). ``LLEN`` of the queue does not count them.
 KOMBU_UNACKED = "unacked"
@@ -31,6 +36,10 @@ DEFAULT_DEDUPE_WINDOW_S = 24 * 3600
 DEFAULT_RESULT_MARKER_TTL_S = 7 * 24 * 3600
 DEFAULT_RESULTS_MAXLEN = 1_000_000
 DEFAULT_DEAD_LETTER_MAXLEN = 100_000
+#: A dead-letter entry keeps a ticket whole up to this many bytes of JSON (a valid ticket fits) ...
+DEAD_LETTER_TICKET_BYTES = 16 * 1024
+#: ... and a bounded excerpt of anything larger or stranger (characters of escaped JSON).
+DEAD_LETTER_EXCERPT_CHARS = 2048
 
 
 def dedupe_key(ticket_id: str) -> str:
@@ -41,6 +50,13 @@ def dedupe_key(ticket_id: str) -> str:
 def published_key(ticket_id: str, model_sha256: str) -> str:
     """Worker-side marker: a result for (ticket, model) is on the results stream (holds its id)."""
     return f"{PREFIX}:published:{model_sha256[:16]}:{ticket_id}"
+
+
+def outcome_key(ticket_id: str) -> str:
+    """Where a ticket ended last: ``"<stream> <entry id>"`` of its newest result or dead-letter
+    entry (written with the entry, in one Lua script; expires with the result marker). Lets
+    ``Producer.route`` answer a ticket routed before at once."""
+    return f"{PREFIX}:outcome:{ticket_id}"
 
 
 def attempts_key(task_id: str) -> str:

@@ -11,12 +11,14 @@ The ticket's text limit is configurable per process: validate with
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from models.keys import DEFAULT_MAX_TICKET_BYTES
+from models.errors import Failure
+from models.keys import DEAD_LETTER_EXCERPT_CHARS, DEAD_LETTER_TICKET_BYTES, DEFAULT_MAX_TICKET_BYTES
 
 MAX_METADATA_ITEMS = 32
 MAX_METADATA_VALUE_CHARS = 1024
@@ -119,17 +121,59 @@ class RoutedResult(BaseModel):
 class DeadLetterEntry(BaseModel):
     """A ticket the fleet gave up on, with the reason (JSON under field ``json``).
 
-    ``ticket`` is the event as received: a dict, or the raw payload when it was not even a dict.
-    ``retryable`` says whether re-submitting the same ticket could succeed (it was transient or
-    crashed its worker) or not (the ticket itself was rejected).
+    ``failure`` says what kind of failure it was (``models.errors.Failure``: ``invalid_ticket``,
+    ``malformed``, ``permanent``, ``transient``, ``exhausted``) and ``retryable`` whether
+    re-submitting the same ticket could succeed (``transient`` or ``exhausted``) or not.
+    ``ticket`` is the event as received when it is an object of at most
+    ``keys.DEAD_LETTER_TICKET_BYTES`` of clean UTF-8 JSON; anything else (oversized, not an
+    object, lone surrogates, undecodable bytes) is kept as a bounded excerpt string of at most
+    ``keys.DEAD_LETTER_EXCERPT_CHARS`` characters, with ``ticket_truncated`` set. ``ticket_bytes``
+    is the size of what arrived, in bytes of JSON. ``worker`` is the Celery node name.
     """
 
     ticket_id: str | None
     task_id: str | None
     reason: str
     error_type: str
+    failure: Failure = Failure.PERMANENT
     retryable: bool
     attempts: int
     ticket: dict[str, Any] | str | None
+    ticket_bytes: int | None = None
+    ticket_truncated: bool = False
     worker: str
     dead_lettered_at: datetime = Field(default_factory=utcnow)
+
+
+def bounded_ticket(payload: Any, limit_bytes: int = DEAD_LETTER_TICKET_BYTES,
+                   excerpt_chars: int = DEAD_LETTER_EXCERPT_CHARS
+                   ) -> tuple[dict[str, Any] | str | None, int | None, bool]:
+    """What a dead-letter entry may keep of ``payload``: ``(ticket, ticket_bytes, truncated)``.
+
+    An object of at most ``limit_bytes`` of clean UTF-8 JSON is kept whole. Anything else is
+    kept as the first ``excerpt_chars`` characters of its ASCII-escaped JSON (lone surrogates
+    become ``\\udXXX``), so that a dead-letter entry always serialises and an attacker cannot
+    fill Redis through the dead-letter stream. Raw ``bytes`` are decoded with
+    ``backslashreplace`` first. Never raises.
+    """
+    size: int | None = None
+    if payload is None:
+        return None, None, False
+    if isinstance(payload, bytes | bytearray):
+        text = bytes(payload).decode("utf-8", errors="backslashreplace")
+        return text[:excerpt_chars], len(payload), len(payload) > excerpt_chars
+    clean: bytes | None = None
+    try:
+        clean = json.dumps(payload, ensure_ascii=False, default=repr).encode("utf-8")
+        size = len(clean)
+    except (UnicodeEncodeError, ValueError, TypeError, RecursionError):
+        pass
+    if clean is not None and isinstance(payload, dict) and len(clean) <= limit_bytes:
+        return payload, size, False
+    try:
+        escaped = json.dumps(payload, ensure_ascii=True, default=repr)
+    except (ValueError, TypeError, RecursionError):
+        escaped = repr(payload)
+    if size is None:
+        size = len(escaped)
+    return escaped[:excerpt_chars], size, len(escaped) > excerpt_chars

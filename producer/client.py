@@ -9,6 +9,7 @@ the claim is released, so a retry can enqueue it: nothing is lost and nothing do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -17,12 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from celery import Celery
 from pydantic import ValidationError
 
 from models import keys
-from models.errors import TicketRejected, TransientError
+from models.errors import TicketRejected, TransientError, is_transient
 from models.schemas import DeadLetterEntry, RoutedResult, TicketEvent
 from producer.settings import ProducerSettings
 
@@ -57,6 +57,20 @@ class Producer:
     when Redis cannot be reached (nothing is half-enqueued).
     """
 
+    @contextlib.contextmanager
+    def _transient(self, doing: str) -> Iterator[None]:
+        """Turn Redis and broker failures (unreachable, timing out, refusing writes at
+        ``maxmemory``) into ``TransientError`` naming the server, with the cause chained."""
+        try:
+            yield
+        except TransientError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise TransientError(f"cannot reach Redis at {self._where()} to {doing} "
+                                 f"({type(exc).__name__}: {exc})") from exc
+
     def __init__(self, settings: ProducerSettings | None = None):
         self.settings = settings or ProducerSettings()
         self.redis = self.settings.redis_client(
@@ -82,24 +96,40 @@ class Producer:
             raise TicketRejected(f"invalid ticket: {problems}") from exc
 
     def submit(self, ticket: TicketEvent | Mapping[str, Any]) -> Receipt:
-        """Validate, dedupe and enqueue one ticket; returns its ``Receipt``."""
+        """Validate, dedupe and enqueue one ticket; returns its ``Receipt``.
+
+        Raises ``TicketRejected`` (invalid; nothing enqueued) or ``TransientError`` (Redis or the
+        broker unreachable or refusing writes; the dedupe claim is released, so nothing is
+        half-enqueued and a later submit of the same ticket enqueues it).
+        """
         event = self.validate(ticket)
         task_id = str(uuid.uuid4())
         dedupe = keys.dedupe_key(event.ticket_id)
-        try:
-            if not self.redis.set(dedupe, task_id, nx=True, ex=self.settings.dedupe_window_s):
+        with self._transient("claim the ticket id"):
+            claimed = self.redis.set(dedupe, task_id, nx=True, ex=self.settings.dedupe_window_s)
+            if not claimed:
                 first = self.redis.get(dedupe)
                 return Receipt(event.ticket_id, _decode(first) if first else "", True)
-            payload = event.model_copy(update={"enqueued_at": datetime.now(UTC)})
-            try:
+        payload = event.model_copy(update={"enqueued_at": datetime.now(UTC)})
+        try:
+            with self._transient("enqueue the ticket"):
                 self.celery.send_task(keys.ROUTE_TASK, args=[payload.model_dump(mode="json")],
                                       task_id=task_id, queue=keys.ROUTE_QUEUE)
-            except Exception:
-                self.redis.delete(dedupe)
-                raise
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise TransientError(f"cannot reach Redis at {self._where()}: {exc}") from exc
+        except BaseException:
+            self.release_claim(event.ticket_id, task_id)
+            raise
         return Receipt(event.ticket_id, task_id, False)
+
+    def release_claim(self, ticket_id: str, task_id: str) -> bool:
+        """Delete the dedupe claim of ``ticket_id`` if it still holds ``task_id`` (after a failed
+        enqueue). Returns whether it was released; a Redis that is gone keeps it until the
+        dedupe window ends, and ``submit`` then reports a duplicate of a task that never ran,
+        which ``route`` and ``outcome`` answer with ``None``."""
+        with contextlib.suppress(Exception):
+            script = "if redis.call('GET', KEYS[1]) == ARGV[1] then " \
+                     "return redis.call('DEL', KEYS[1]) else return 0 end"
+            return bool(self.redis.eval(script, 1, keys.dedupe_key(ticket_id), task_id))
+        return False
 
     def submit_many(self, tickets: Iterable[TicketEvent | Mapping[str, Any]]) -> list[Receipt]:
         """``submit`` each ticket in order; stops at the first invalid one (``TicketRejected``)."""
@@ -108,7 +138,8 @@ class Producer:
     def queue_depth(self) -> int:
         """Tickets waiting in the queue (``LLEN``; excludes ones prefetched or running, which
         kombu keeps in its ``unacked`` hash)."""
-        return int(self.redis.llen(keys.ROUTE_QUEUE))
+        with self._transient("read the queue depth"):
+            return int(self.redis.llen(keys.ROUTE_QUEUE))
 
     def wait_for_queue_below(self, limit: int, timeout_s: float | None = None) -> float:
         """Block while the queue is deeper than ``limit`` (backpressure); returns seconds waited."""
@@ -123,7 +154,8 @@ class Producer:
     def read(self, streams: Mapping[str, str], block_ms: int | None = None, count: int = 100
              ) -> list[StreamEntry]:
         """``XREAD`` from ``{stream: last_id}``; returns parsed entries (JSON under ``json``)."""
-        raw: Any = self.redis.xread(dict(streams), count=count, block=block_ms)  # type: ignore[arg-type]
+        with self._transient("read the streams"):
+            raw: Any = self.redis.xread(dict(streams), count=count, block=block_ms)  # type: ignore[arg-type]
         out = []
         for stream, entries in raw or []:
             for entry_id, fields in entries:
@@ -149,20 +181,46 @@ class Producer:
     def stream_tail_ids(self) -> dict[str, str]:
         """The current last id of the results and dead-letter streams (``0-0`` if empty)."""
         ids = {}
-        for stream in (keys.RESULTS_STREAM, keys.DEAD_LETTER_STREAM):
-            last = self.redis.xrevrange(stream, count=1)
-            ids[stream] = _decode(last[0][0]) if last else "0-0"
+        with self._transient("read the stream tails"):
+            for stream in (keys.RESULTS_STREAM, keys.DEAD_LETTER_STREAM):
+                last = self.redis.xrevrange(stream, count=1)
+                ids[stream] = _decode(last[0][0]) if last else "0-0"
         return ids
+
+    def outcome(self, ticket_id: str) -> RoutedResult | DeadLetterEntry | None:
+        """The newest result or dead-letter entry of ``ticket_id`` (from ``keys.outcome_key``,
+        which the worker writes with the entry), or ``None`` if it has none (yet, or any more:
+        the pointer expires with the result marker, or the stream trimmed the entry)."""
+        with self._transient("read the ticket's outcome"):
+            pointer = self.redis.get(keys.outcome_key(ticket_id))
+            if not pointer:
+                return None
+            stream, _, entry_id = _decode(pointer).partition(" ")
+            found = self.redis.xrange(stream, entry_id, entry_id)
+        if not found:
+            return None
+        fields: Any = found[0][1]
+        document = json.loads(fields.get(keys.STREAM_FIELD.encode()) or fields[keys.STREAM_FIELD])
+        if stream == keys.RESULTS_STREAM:
+            return RoutedResult.model_validate(document)
+        return DeadLetterEntry.model_validate(document)
 
     def route(self, ticket: TicketEvent | Mapping[str, Any], timeout_s: float = 60.0
               ) -> RoutedResult | DeadLetterEntry:
         """Submit a ticket and wait for its result (or dead-letter entry): the synchronous
         ``/classify_ticket`` experience on top of the queue.
 
-        Raises ``TimeoutError`` if nothing arrives within ``timeout_s``.
+        A ticket id submitted before (within the dedupe window) is not routed again: its
+        existing result or dead-letter entry is returned at once, or awaited if it is still in
+        flight. Raises ``TimeoutError`` if nothing arrives within ``timeout_s``,
+        ``TicketRejected`` and ``TransientError`` as ``submit`` does.
         """
         positions = self.stream_tail_ids()
         receipt = self.submit(ticket)
+        if receipt.duplicate:
+            earlier = self.outcome(receipt.ticket_id)
+            if earlier is not None:
+                return earlier
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             for entry in self.read(positions, block_ms=max(1, int(min(left, 1.0) * 1000))):

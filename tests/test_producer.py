@@ -142,3 +142,76 @@ def test_backfill_refuses_unknown_formats(producer: Producer, tmp_path: Path) ->
     path.write_bytes(b"PK")
     with pytest.raises(TicketRejected, match=r"csv or \.jsonl"):
         backfill(producer, path, progress=False)
+
+
+# ---- issue 11, holes 3 and 4: the producer's errors stay in the tree, and leave no half-state --
+
+def test_failed_enqueue_releases_the_dedupe_claim(producer: Producer, r: redis.Redis) -> None:
+    dead = f"redis://127.0.0.1:{devstack.free_port()}/0"
+    producer.celery.conf.broker_url = dead  # Redis for dedupe is up; the broker is not
+    producer.celery.conf.broker_connection_timeout = 0.5
+    with pytest.raises(TransientError, match="to enqueue the ticket") as caught:
+        producer.submit({"ticket_id": "T-claim", "text": "hi"})
+    assert caught.value.__cause__ is not None
+    assert r.get(keys.dedupe_key("T-claim")) is None  # a later submit can enqueue it
+
+
+def test_redis_refusing_writes_is_a_transient_error(producer: Producer, r: redis.Redis) -> None:
+    r.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(TransientError, match="OutOfMemoryError") as caught:
+            producer.submit({"ticket_id": "T-oom", "text": "hi"})
+        assert isinstance(caught.value.__cause__, redis.exceptions.OutOfMemoryError)
+    finally:
+        r.config_set("maxmemory", 0)
+    assert r.llen(keys.ROUTE_QUEUE) == 0 and r.get(keys.dedupe_key("T-oom")) is None
+
+
+def test_every_read_of_an_unreachable_redis_is_a_transient_error() -> None:
+    dead = f"redis://127.0.0.1:{devstack.free_port()}/0"
+    producer = Producer(ProducerSettings(redis_url=dead, redis_timeout_s=0.5))
+    calls = [producer.queue_depth, producer.stream_tail_ids,
+             lambda: producer.read({keys.RESULTS_STREAM: "0-0"}),
+             lambda: next(producer.follow(stop_when_idle=True), None),
+             lambda: producer.outcome("T"),
+             lambda: producer.route({"ticket_id": "T", "text": "hi"}, timeout_s=1)]
+    for call in calls:
+        with pytest.raises(TransientError, match="Redis at 127.0.0.1"):
+            call()
+
+
+@pytest.mark.parametrize("argv", [["route", "hello", "--wait"], ["results"]])
+def test_cli_says_redis_is_unreachable_without_a_traceback(argv: list[str]) -> None:
+    import subprocess
+    import sys
+
+    dead = f"redis://127.0.0.1:{devstack.free_port()}/0"
+    proc = subprocess.run([sys.executable, "-m", "thinfleet.cli", *argv], capture_output=True,
+                          text=True, timeout=60,
+                          env={"THINFLEET_REDIS_URL": dead, "THINFLEET_REDIS_TIMEOUT_S": "0.5",
+                               "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1, proc.stderr
+    assert "Redis at 127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_route_of_a_ticket_routed_before_answers_at_once(producer: Producer,
+                                                         r: redis.Redis) -> None:
+    """No worker consumes this database: the first route times out; after a result is on the
+    stream (written as the worker writes it), the second route returns it at once."""
+    import time
+
+    from models.schemas import ModelRef, RoutedResult, Timings
+    from worker.results import ResultPublisher
+
+    with pytest.raises(TimeoutError):
+        producer.route({"ticket_id": "T-again", "text": "hi"}, timeout_s=0.5)
+    result = RoutedResult(ticket_id="T-again", label="card_arrival", route="cards",
+                          confidence=0.9, status="routed", taxonomy="banking77@x",
+                          model=ModelRef(name="m", sha256="a" * 64),
+                          timings=Timings(prompt_eval_ms=1, decode_ms=1, total_ms=2),
+                          tokens_in=3, tokens_out=0, worker="w1@host", attempt=1)
+    ResultPublisher(r).publish_result(result)
+    started = time.monotonic()
+    again = producer.route({"ticket_id": "T-again", "text": "hi"}, timeout_s=30)
+    assert time.monotonic() - started < 2
+    assert isinstance(again, RoutedResult) and again.label == "card_arrival"

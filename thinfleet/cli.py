@@ -42,7 +42,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"thinfleet worker: Redis is unreachable at {settings.redacted_url()}: {exc} "
               "(set THINFLEET_REDIS_URL, _USERNAME, _PASSWORD, _TLS_CA_FILE)", file=sys.stderr)
         return 1
-    from worker.app import app
+    from worker.app import run
 
     concurrency = args.concurrency or settings.concurrency
     argv = ["worker", "--pool", "prefork", "--concurrency", str(concurrency),
@@ -51,8 +51,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     hostname = args.hostname or settings.hostname
     if hostname:
         argv += ["--hostname", str(hostname)]
-    app.worker_main(argv)
-    return 0
+    code = run(argv)
+    if code:
+        print(f"thinfleet worker: exited with status {code} (see the log above)", file=sys.stderr)
+    return code
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:

@@ -12,8 +12,11 @@ Start a worker with ``thinfleet worker`` (which checks Redis first) or plainly w
 
 Celery settings that make a lost worker lose nothing: ``acks_late`` with prefetch 1,
 ``reject_on_worker_lost`` (a killed child's ticket is requeued), ``acks_on_timeout=False`` (so is
-a hard-timed-out one), a visibility timeout well above the hard time limit, and an attempt cap
-counted in Redis (``worker.tasks``).
+a hard-timed-out one; Celery >= 5.7 knows the setting, older ones ignore it silently, so the
+worker refuses to boot on them), a visibility timeout above the longest time a ticket can be
+held (``WorkerSettings.visibility_timeout_s``), an attempt cap counted in Redis
+(``worker.tasks``), and a hardened Redis transport (``worker.transport``: poison bytes on the
+queue are dead-lettered, a refused requeue stays unacked).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
+from celery.app.defaults import DEFAULTS as CELERY_DEFAULTS
 
 from models import keys
 from worker.bootstrap import prepare_process
@@ -37,8 +41,16 @@ from worker.logs import configure_logging  # noqa: E402
 configure_logging(settings.log_level, settings.log_json)
 log = structlog.get_logger("thinfleet.worker")
 
+#: Settings the delivery guarantee depends on; a Celery that does not know one ignores it silently.
+REQUIRED_CELERY_SETTINGS = ("task_acks_on_timeout", "task_reject_on_worker_lost")
+_unknown = [name for name in REQUIRED_CELERY_SETTINGS if name not in CELERY_DEFAULTS]
+if _unknown:
+    raise SystemExit(f"thinfleet worker refused to start: this Celery does not know {_unknown} "
+                     "(it would ack timed-out tickets and lose them); install celery>=5.7")
+
 app = Celery("thinfleet", broker=settings.broker_url())
 app.conf.update(
+    broker_transport="worker.transport:Transport",
     broker_use_ssl=settings.broker_use_ssl(),
     task_serializer="json",
     accept_content=["json"],
@@ -54,8 +66,14 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_soft_time_limit=settings.task_soft_time_limit_s,
     task_time_limit=settings.task_time_limit_s,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    # A ticket held by a worker that died whole comes back after visibility_timeout, found by a
+    # sweep every unacked_restore_interval s. kombu's default sweep scans only every 10th call
+    # (throttle 10 x 10 s): tickets sat up to 100 s past the timeout. Throttle 1: every sweep.
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                              "unacked_restore_interval": settings.unacked_restore_interval_s,
+                              "unacked_restore_throttle": 1},
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=settings.broker_connection_max_retries,
     worker_send_task_events=True,
     task_send_sent_event=True,
     worker_hijack_root_logger=False,
@@ -75,6 +93,7 @@ def _heartbeat(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _parent_boot(sender: Any = None, **_: Any) -> None:
+    metrics.preinitialise()
     concurrency = int(getattr(sender, "concurrency", None) or settings.concurrency)
     try:
         tasks.init_parent(settings, concurrency)
@@ -114,3 +133,17 @@ def _task_end(**_: Any) -> None:
 def _child_exit(**_: Any) -> None:
     tasks.close_child()
     metrics.mark_child_dead(os.getpid())
+
+
+def run(argv: list[str]) -> int:
+    """Run ``celery worker`` with ``argv`` and return its exit code (``app.worker_main`` drops
+    it, so a worker that died of an unrecoverable error exited 0 and an ``on-failure``
+    supervisor did not restart it)."""
+    from celery.bin.celery import celery as celery_cli
+
+    celery_cli.params[0].default = app
+    try:
+        code = celery_cli.main(args=argv, standalone_mode=False)
+    finally:
+        celery_cli.params[0].default = None
+    return int(code or 0)

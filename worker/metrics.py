@@ -41,12 +41,27 @@ MODEL_LOAD_SECONDS = Histogram(
 TICKETS = Counter(
     "thinfleet_tickets_total", "Tickets settled, by route and status.", ["route", "status"])
 DEAD_LETTERS = Counter(
-    "thinfleet_dead_letters_total", "Tickets sent to the dead-letter stream, by error type.",
-    ["error_type"])
+    "thinfleet_dead_letters_total",
+    "Tickets sent to the dead-letter stream, by failure kind (models.errors.Failure).",
+    ["failure"])
 RETRIES = Counter("thinfleet_retries_total", "Tickets scheduled for another attempt.")
+REDELIVERIES = Counter(
+    "thinfleet_redeliveries_total",
+    "Tickets left for redelivery because Redis refused the attempt count, retry or dead-letter.")
 TOKENS = Counter("thinfleet_tokens_total", "Tokens evaluated or generated.", ["direction"])
 READY = Gauge("thinfleet_worker_ready", "1 while this child has a model loaded and warm.",
               multiprocess_mode="livesum")
+
+
+def preinitialise() -> None:
+    """Create every known label set at 0, so that ``increase()`` and ``rate()`` see the first
+    event (a counter born at 1 on first use has no earlier sample to compare with)."""
+    from models.errors import Failure
+
+    for failure in Failure:
+        DEAD_LETTERS.labels(failure.value)
+    TOKENS.labels("in")
+    TOKENS.labels("out")
 
 
 def multiprocess_registry() -> CollectorRegistry:

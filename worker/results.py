@@ -17,13 +17,22 @@ import redis
 from models import keys
 from models.schemas import DeadLetterEntry, RoutedResult
 
-# KEYS[1] marker, KEYS[2] stream; ARGV: json, maxlen, marker ttl (s), field name
+# KEYS[1] marker, KEYS[2] stream, KEYS[3] outcome pointer; ARGV: json, maxlen, marker ttl (s),
+# field name
 _PUBLISH_ONCE = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', ARGV[4], ARGV[1])
 redis.call('SET', KEYS[1], id, 'EX', ARGV[3])
+redis.call('SET', KEYS[3], KEYS[2] .. ' ' .. id, 'EX', ARGV[3])
 return {1, id}
+"""
+
+# KEYS[1] dead-letter stream, KEYS[2] outcome pointer (or ''); ARGV: json, maxlen, ttl, field
+_DEAD_LETTER = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[4], ARGV[1])
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], KEYS[1] .. ' ' .. id, 'EX', ARGV[3]) end
+return id
 """
 
 ATTEMPTS_TTL_S = 24 * 3600
@@ -48,6 +57,7 @@ class ResultPublisher:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.marker_ttl_s = marker_ttl_s
         self._publish_once = client.register_script(_PUBLISH_ONCE)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
 
     def already_published(self, ticket_id: str, model_sha256: str) -> str | None:
         """The stream id of an earlier result for this (ticket, model), or ``None``."""
@@ -57,16 +67,21 @@ class ResultPublisher:
     def publish_result(self, result: RoutedResult) -> Published:
         """XADD ``result`` (approximate MAXLEN) unless this (ticket, model) was published before."""
         created, entry_id = self._publish_once(
-            keys=[keys.published_key(result.ticket_id, result.model.sha256), keys.RESULTS_STREAM],
+            keys=[keys.published_key(result.ticket_id, result.model.sha256), keys.RESULTS_STREAM,
+                  keys.outcome_key(result.ticket_id)],
             args=[result.model_dump_json(), self.results_maxlen, self.marker_ttl_s,
                   keys.STREAM_FIELD])
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return Published(entry, duplicate=not created)
 
     def dead_letter(self, entry: DeadLetterEntry) -> str:
-        """XADD ``entry`` to the dead-letter stream; returns its stream id."""
-        entry_id = self.client.xadd(keys.DEAD_LETTER_STREAM, {keys.STREAM_FIELD: entry.model_dump_json()},
-                                    maxlen=self.dead_letter_maxlen, approximate=True)
+        """XADD ``entry`` to the dead-letter stream (and point the ticket's outcome key at it);
+        returns its stream id. Raises redis-py's errors when Redis refuses."""
+        outcome = keys.outcome_key(entry.ticket_id) if entry.ticket_id else ""
+        entry_id = self._dead_letter(
+            keys=[keys.DEAD_LETTER_STREAM, outcome],
+            args=[entry.model_dump_json(), self.dead_letter_maxlen, self.marker_ttl_s,
+                  keys.STREAM_FIELD])
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def count_attempt(self, task_id: str) -> int:

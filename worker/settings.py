@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from models import keys
@@ -34,7 +34,16 @@ class WorkerSettings(RedisConnection):
     retry_backoff_s: float = Field(default=1.0, gt=0, description="first retry delay; doubles")
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
     visibility_timeout_s: int = Field(
-        default=3600, description="kombu redelivers an unacked ticket after this long")
+        default=300,
+        description="kombu redelivers a ticket held this long without an ack: the bound on "
+                    "recovering the tickets of a worker that died whole. Must exceed the "
+                    "longest a live worker holds one (validated at boot)")
+    unacked_restore_interval_s: int = Field(
+        default=5, ge=1, description="how often each worker sweeps for tickets past the "
+                                     "visibility timeout (one sweep: a ZRANGEBYSCORE under a lock)")
+    broker_connection_max_retries: int = Field(
+        default=100, ge=1, description="reconnects to Redis before the worker exits non-zero "
+                                       "(and its supervisor restarts it)")
     proc_alive_timeout_s: float = Field(
         default=60.0, description="time a child has to map the model and warm the prefix")
 
@@ -77,3 +86,16 @@ class WorkerSettings(RedisConnection):
     log_level: str = "INFO"
     log_json: bool = True
     hostname: str | None = Field(default=None, description="Celery node name (default: host)")
+
+    @model_validator(mode="after")
+    def _visibility_covers_a_held_ticket(self) -> WorkerSettings:
+        # A live worker holds an unacked ticket for at most: a retry's countdown (ETA, held in
+        # the worker), waiting behind a busy child (one hard time limit), its own run (one
+        # more). A shorter visibility timeout redelivers tickets that are still being worked on.
+        held_s = self.retry_backoff_max_s + 2 * self.task_time_limit_s
+        if self.visibility_timeout_s <= held_s:
+            raise ValueError(
+                f"visibility_timeout_s={self.visibility_timeout_s} must exceed "
+                f"retry_backoff_max_s + 2 * task_time_limit_s = {held_s:g} s, the longest a "
+                "live worker holds a ticket; shorter would redeliver tickets still in work")
+        return self

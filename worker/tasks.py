@@ -1,4 +1,4 @@
-"""The routing task, and the one place that decides retry versus dead-letter.
+"""The routing task, and the one place that acts on the exception tree's decision.
 
 Process strategy (Celery, prefork, signals) lives in ``worker.app``; this module holds the job
 logic and the per-process state it needs:
@@ -7,17 +7,18 @@ logic and the per-process state it needs:
 * ``init_child`` (once per child): the ``RoutingEngine`` and a Redis ``ResultPublisher``;
 * ``handle_ticket`` (per ticket): count the attempt, validate, route, publish exactly once.
 
-Decision table (``settle_failure``):
+Every path out of ``handle_ticket`` ends in exactly one of:
 
-======================================  =========================================
-what happened                           what we do
-======================================  =========================================
-ticket invalid (``TicketRejected``)     dead-letter now, ``retryable=False``
-attempt > ``max_attempts``              dead-letter (it crashed or hung its worker)
-``TransientError``, Redis errors,       retry with exponential backoff (Celery's
-soft time limit, anything else          ``retry``) until the attempt cap, then
-                                        dead-letter with the last error
-======================================  =========================================
+1. a result published on the results stream (or found there already: a redelivery);
+2. a dead-letter entry written, with the ``Failure`` that ``models.errors.failure_of`` decided
+   (invalid ticket, malformed message and permanent errors at once; transient ones after
+   ``max_attempts``);
+3. the message left for redelivery: a retry published with backoff (Celery's ``retry``), or,
+   when Redis refuses even that, ``Reject(requeue=True)``; if Redis cannot take the requeue
+   either, the message stays in kombu's ``unacked`` hash and comes back after
+   ``visibility_timeout_s`` (``worker.transport``).
+
+Nothing is acked without a result or a dead-letter entry.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis
 import structlog
 from celery import Celery, Task
-from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from pydantic import ValidationError
 
 from models import keys
-from models.errors import AttemptsExhausted, ModelUnavailable, TicketRejected, TransientError
-from models.schemas import DeadLetterEntry, ModelRef, RoutedResult, TicketEvent, Timings
+from models.errors import (
+    AttemptsExhausted,
+    Failure,
+    MalformedMessage,
+    ModelUnavailable,
+    TicketRejected,
+    failure_of,
+)
+from models.schemas import DeadLetterEntry, ModelRef, RoutedResult, TicketEvent, Timings, bounded_ticket
 from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
 from worker.acquire import ModelSpec, resolve_from_settings
@@ -47,9 +54,6 @@ from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("thinfleet.worker")
-
-RETRYABLE = (TransientError, redis.ConnectionError, redis.TimeoutError, SoftTimeLimitExceeded)
-
 
 @dataclass
 class ParentState:
@@ -148,47 +152,96 @@ def child_state() -> ChildState:
 
 def _ticket_id(payload: Any) -> str | None:
     if isinstance(payload, dict) and isinstance(payload.get("ticket_id"), str):
-        return payload["ticket_id"]
+        ticket_id = payload["ticket_id"]
+        try:
+            ticket_id.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: keep it out of keys and logs
+            return None
+        return ticket_id[:256]
     return None
 
 
 def dead_letter(state: ChildState, payload: Any, task_id: str | None, exc: BaseException,
-                attempts: int, retryable: bool) -> None:
-    """Publish a dead-letter entry with the reason, count it, and forget the attempts."""
+                attempts: int, failure: Failure, node: str | None = None) -> None:
+    """Publish a dead-letter entry with the reason and the ``failure`` kind, count it, and forget
+    the attempts. Raises redis-py's errors when Redis refuses the entry (the caller then leaves
+    the message for redelivery)."""
+    ticket, size, truncated = bounded_ticket(payload)
+    if isinstance(exc, MalformedMessage) and exc.excerpt is not None:  # bytes off the queue
+        ticket, size = exc.excerpt, exc.size_bytes
+        truncated = size is not None and size > len(exc.excerpt)
     entry = DeadLetterEntry(
-        ticket_id=_ticket_id(payload), task_id=task_id, reason=str(exc) or type(exc).__name__,
-        error_type=type(exc).__name__, retryable=retryable, attempts=attempts,
-        ticket=payload if isinstance(payload, dict) else (None if payload is None else str(payload)),
-        worker=state.hostname)
+        ticket_id=_ticket_id(payload), task_id=task_id,
+        reason=(str(exc) or type(exc).__name__)[:keys.DEAD_LETTER_EXCERPT_CHARS],
+        error_type=type(exc).__name__, failure=failure, retryable=failure.retryable,
+        attempts=attempts, ticket=ticket, ticket_bytes=size, ticket_truncated=truncated,
+        worker=node or state.hostname)
     entry_id = state.publisher.dead_letter(entry)
-    metrics.DEAD_LETTERS.labels(type(exc).__name__).inc()
+    metrics.DEAD_LETTERS.labels(failure.value).inc()
     metrics.TICKETS.labels(route="", status="dead_letter").inc()
     if task_id:
         state.publisher.clear_attempts(task_id)
     log.warning("ticket_dead_lettered", reason=entry.reason, error_type=entry.error_type,
-                attempts=attempts, entry_id=entry_id)
+                failure=failure.value, attempts=attempts, entry_id=entry_id)
+
+
+def leave_for_redelivery(state: ChildState, exc: BaseException) -> Reject:
+    """The ``Reject(requeue=True)`` to raise when nothing could be settled (Redis refused the
+    attempt count, the retry or the dead-letter entry). Waits ``retry_backoff_s`` first so that
+    a Redis outage does not become a hot redelivery loop."""
+    metrics.REDELIVERIES.inc()
+    log.warning("ticket_left_for_redelivery", error=str(exc)[:500], error_type=type(exc).__name__)
+    time.sleep(state.parent.settings.retry_backoff_s)
+    return Reject(f"left for redelivery: {type(exc).__name__}: {exc}"[:500], requeue=True)
 
 
 def settle_failure(task: Task, state: ChildState, payload: Any, exc: BaseException,
                    attempt: int) -> None:
-    """The one place that decides retry versus dead-letter (see the module's table).
+    """Act on ``failure_of(exc)``: dead-letter, or retry with backoff (see the module's doc).
 
-    Raises celery's ``Retry`` to schedule another attempt; returns after dead-lettering.
+    Raises Celery's ``Retry`` after scheduling another attempt, ``Reject(requeue=True)`` when
+    Redis refused the retry or the dead-letter entry; returns after dead-lettering.
     """
     settings = state.parent.settings
-    if isinstance(exc, TicketRejected):
-        dead_letter(state, payload, task.request.id, exc, attempt, retryable=False)
-        return
-    if attempt >= settings.max_attempts:
-        dead_letter(state, payload, task.request.id, exc, attempt, retryable=True)
+    node = task.request.hostname
+    failure = failure_of(exc)
+    if failure is not Failure.TRANSIENT or attempt >= settings.max_attempts:
+        try:
+            dead_letter(state, payload, task.request.id, exc, attempt, failure, node)
+        except Exception as refused:
+            raise leave_for_redelivery(state, refused) from refused
         return
     countdown = get_exponential_backoff_interval(
         factor=int(max(1, settings.retry_backoff_s)), retries=attempt - 1,
         maximum=int(settings.retry_backoff_max_s), full_jitter=False)
-    metrics.RETRIES.inc()
-    log.warning("ticket_retry", error=str(exc), error_type=type(exc).__name__,
+    log.warning("ticket_retry", error=str(exc)[:500], error_type=type(exc).__name__,
                 attempt=attempt, countdown_s=countdown)
-    raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+    try:
+        retry = task.retry(exc=exc, countdown=countdown, max_retries=None)
+    except Retry:
+        raise
+    except Exception as refused:  # Celery's Reject(requeue=False): the retry was not published
+        raise leave_for_redelivery(state, refused) from refused
+    metrics.RETRIES.inc()
+    raise retry
+
+
+def unpack_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The one ticket payload of a task message: exactly one positional argument, no keyword
+    arguments. Raises ``MalformedMessage`` otherwise (and for the marker that
+    ``worker.transport`` puts on bytes that were not a task message at all)."""
+    marker = kwargs.get(keys.MALFORMED_KWARG)
+    if marker is not None:
+        marker = marker if isinstance(marker, dict) else {}
+        size = marker.get("bytes")
+        raise MalformedMessage(str(marker.get("reason", "malformed queue item")),
+                               excerpt=str(marker.get("excerpt", "")),
+                               size_bytes=size if isinstance(size, int) else None)
+    if len(args) != 1 or kwargs:
+        raise MalformedMessage(
+            f"a routing task takes exactly one positional argument (the ticket) and no keyword "
+            f"arguments; got {len(args)} positional and {sorted(kwargs)[:8]} keyword")
+    return args[0]
 
 
 def validate(payload: Any, max_ticket_bytes: int) -> TicketEvent:
@@ -226,20 +279,29 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
         worker=node or state.hostname, attempt=attempt)
 
 
-def handle_ticket(task: Task, payload: Any) -> dict[str, Any] | None:
-    """Route one ticket end to end; returns a small summary (Celery ignores it)."""
+def handle_ticket(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+    """Route one ticket end to end; returns a small summary (Celery ignores it).
+
+    Raises ``Retry`` (a retry was published), ``Reject(requeue=True)`` (left for redelivery);
+    every other outcome is a published result or a dead-letter entry (the module's doc).
+    """
     started = time.perf_counter()
     state = child_state()
     settings = state.parent.settings
     task_id = task.request.id
-    attempt = state.publisher.count_attempt(task_id)
-    structlog.contextvars.bind_contextvars(attempt=attempt)
-    if attempt > settings.max_attempts:
-        dead_letter(state, payload, task_id, AttemptsExhausted(
-            f"gave up after {settings.max_attempts} attempts: the last one did not finish "
-            "(worker lost or hard time limit)"), attempt - 1, retryable=True)
-        return None
+    raw: Any = args[0] if len(args) == 1 else {"args": list(args), "kwargs": kwargs}
     try:
+        attempt = state.publisher.count_attempt(task_id)
+    except Exception as exc:  # Redis unreachable or refusing writes: decide nothing yet
+        raise leave_for_redelivery(state, exc) from exc
+    structlog.contextvars.bind_contextvars(attempt=attempt)
+    try:
+        payload = raw = unpack_args(args, kwargs)
+        if attempt > settings.max_attempts:
+            raise AttemptsExhausted(
+                f"gave up after {settings.max_attempts} attempts: the last one did not finish "
+                "(worker lost or hard time limit)")
         event = validate(payload, settings.max_ticket_bytes)
         earlier = state.publisher.already_published(event.ticket_id, state.model_ref.sha256)
         if earlier:
@@ -248,12 +310,18 @@ def handle_ticket(task: Task, payload: Any) -> dict[str, Any] | None:
             return {"entry_id": earlier, "duplicate": True}
         result = route_event(state, event, attempt, started, task.request.hostname)
         published = state.publisher.publish_result(result)
-    except Retry:
+    except (Retry, Reject):
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure goes through settle_failure
-        settle_failure(task, state, payload, exc, attempt)
+    except AttemptsExhausted as exc:
+        settle_failure(task, state, raw, exc, attempt - 1)
         return None
-    state.publisher.clear_attempts(task_id)
+    except Exception as exc:  # noqa: BLE001 - every failure goes through settle_failure
+        settle_failure(task, state, raw, exc, attempt)
+        return None
+    try:
+        state.publisher.clear_attempts(task_id)
+    except Exception as exc:  # noqa: BLE001 - the result is out; a stale counter expires
+        log.warning("attempts_not_cleared", error=str(exc)[:200])
     elapsed_s = time.perf_counter() - started
     metrics.ROUTING_SECONDS.observe(elapsed_s)
     metrics.PROMPT_SECONDS.observe(result.timings.prompt_eval_ms / 1000)
@@ -275,7 +343,7 @@ def bind_log_context(task_id: str | None, args: Any) -> None:
     (the worker calls these from Celery's ``task_prerun``/``task_postrun`` signals, so Celery's
     own lines about the task carry them too)."""
     structlog.contextvars.clear_contextvars()
-    payload = args[0] if args else None
+    payload = args[0] if args and len(args) == 1 else None
     structlog.contextvars.bind_contextvars(ticket_id=_ticket_id(payload), task_id=task_id)
 
 
@@ -289,8 +357,18 @@ def register(app: Celery, settings: WorkerSettings) -> None:
 
     @app.task(bind=True, name=keys.ROUTE_TASK, acks_late=True, reject_on_worker_lost=True,
               max_retries=None)
-    def route_ticket(self: Task, payload: Any) -> dict[str, Any] | None:
-        return handle_ticket(self, payload)
+    def route_ticket(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        # *args/**kwargs: a message with the wrong arguments must reach handle_ticket (and the
+        # dead-letter stream), not fail with TypeError before the body runs and be acked.
+        try:
+            return handle_ticket(self, args, kwargs)
+        except (Retry, Reject):
+            raise
+        except Exception as exc:
+            # Only a failure outside the decision gets here (the child could not build its
+            # engine, a bug in settle_failure). Celery would ack it (acks_on_failure): requeue.
+            log.error("ticket_unsettled", error=str(exc)[:500], error_type=type(exc).__name__)
+            raise Reject(f"unsettled: {type(exc).__name__}: {exc}"[:500], requeue=True) from exc
 
 
 def model_path() -> Path | None:

@@ -1,0 +1,262 @@
+"""Issue 11: "nothing lost, nothing twice" under real faults, one test per hole.
+
+Pure decisions (the exception tree, bounded dead-letter excerpts, envelope checks, settings)
+are tested directly; the rest with real processes: a redis-server per test where the test
+breaks Redis, real Celery workers with the real model from the S3 endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
+
+from models import keys
+from models.errors import (
+    AttemptsExhausted,
+    Failure,
+    InferenceError,
+    MalformedMessage,
+    TicketRejected,
+    TransientError,
+    failure_of,
+)
+from models.schemas import DeadLetterEntry, bounded_ticket
+from producer import Producer, ProducerSettings
+from tests.conftest import worker_env
+from thinfleet import devstack
+
+# ---- pure logic ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc,failure", [
+    (TicketRejected("empty"), Failure.INVALID_TICKET),
+    (MalformedMessage("no args"), Failure.MALFORMED),
+    (AttemptsExhausted("3"), Failure.EXHAUSTED),
+    (TransientError("blip"), Failure.TRANSIENT),
+    (InferenceError("no KV slot"), Failure.TRANSIENT),
+    (redis.ConnectionError("gone"), Failure.TRANSIENT),
+    (redis.exceptions.OutOfMemoryError("maxmemory"), Failure.TRANSIENT),
+    (redis.exceptions.ReadOnlyError("replica"), Failure.TRANSIENT),
+    (OperationalError("broker"), Failure.TRANSIENT),
+    (SoftTimeLimitExceeded(), Failure.TRANSIENT),
+    (TypeError("a bug"), Failure.PERMANENT),
+    (KeyError("a bug"), Failure.PERMANENT),
+    (redis.ResponseError("WRONGTYPE"), Failure.PERMANENT),
+])
+def test_the_tree_decides_retry_or_dead_letter(exc: BaseException, failure: Failure) -> None:
+    assert failure_of(exc) is failure
+    assert failure.retryable is (failure in (Failure.TRANSIENT, Failure.EXHAUSTED))
+
+
+def test_dead_letter_keeps_a_bounded_excerpt_that_always_serialises() -> None:
+    small = {"ticket_id": "a", "text": "hi"}
+    assert bounded_ticket(small) == (small, len(json.dumps(small)), False)
+    huge = {"ticket_id": "a", "text": "x" * (1 << 20)}
+    kept, size, truncated = bounded_ticket(huge)
+    assert isinstance(kept, str) and len(kept) == keys.DEAD_LETTER_EXCERPT_CHARS and truncated
+    assert size is not None and size > 1 << 20
+    lone = {"ticket_id": "a\ud800", "text": "b\udfff"}
+    kept, _, _ = bounded_ticket(lone)
+    assert isinstance(kept, str) and "\\ud800" in kept
+    entry = DeadLetterEntry(ticket_id=None, task_id=None, reason="r", error_type="E",
+                            retryable=False, attempts=1, ticket=kept, worker="w")
+    entry.model_dump_json()  # would raise PydanticSerializationError with the raw surrogate
+    assert bounded_ticket(b"\xff\xfe{")[0] == "\\xff\\xfe{"
+
+
+def test_transport_turns_anything_but_an_envelope_into_a_malformed_task() -> None:
+    from worker.transport import decode_item, envelope_problem
+
+    for item in (b"not json", b'"a string"', b"[1, 2]", b'{"body": "x"}',
+                 json.dumps({"body": "!!", "headers": {"task": "t", "id": "i"},
+                             "properties": {"body_encoding": "base64"}}).encode()):
+        envelope = decode_item(item, keys.ROUTE_QUEUE)
+        assert envelope_problem(envelope) is None
+        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        assert args == [] and kwargs[keys.MALFORMED_KWARG]["bytes"] == len(item)
+        assert envelope["headers"]["task"] == keys.ROUTE_TASK
+
+
+def test_visibility_timeout_must_cover_a_held_ticket() -> None:
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings().visibility_timeout_s == 300
+    with pytest.raises(ValueError, match="must exceed"):
+        WorkerSettings(visibility_timeout_s=100, task_time_limit_s=60, retry_backoff_max_s=60)
+
+
+def test_the_worker_needs_a_celery_that_knows_acks_on_timeout() -> None:
+    from celery.app.defaults import DEFAULTS
+
+    from worker.app import REQUIRED_CELERY_SETTINGS, app
+
+    assert all(name in DEFAULTS for name in REQUIRED_CELERY_SETTINGS)
+    assert app.conf.task_acks_on_timeout is False
+    assert app.conf.broker_transport == "worker.transport:Transport"
+
+
+# ---- real processes -----------------------------------------------------------------------
+
+FAST = {"visibility_timeout_s": "20", "task_time_limit_s": "5", "task_soft_time_limit_s": "4",
+        "retry_backoff_max_s": "4", "max_attempts": "3"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("delivery-cache")
+
+
+@pytest.fixture()
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, which the test may break."""
+    with devstack.redis_server(tmp_path / "redis") as url:
+        yield url
+
+
+def start(url: str, s3_endpoint: str, model_uri: str, model_sha: str, cache: Path, log: Path,
+          hostname: str, concurrency: int = 1, **extra: str) -> devstack.WorkerProcess:
+    env = worker_env(url, s3_endpoint, model_uri, model_sha, cache, **{**FAST, **extra})
+    worker = devstack.start_worker(env, log, concurrency=concurrency, hostname=hostname)
+    worker.wait_ready(concurrency, timeout_s=180)
+    return worker
+
+
+def settled(client: redis.Redis) -> tuple[list[str], list[dict]]:
+    """Ticket ids on the results stream (with repeats), and the dead-letter documents."""
+    results = [json.loads(f[b"json"])["ticket_id"] for _, f in client.xrange(keys.RESULTS_STREAM)]
+    dead = [json.loads(f[b"json"]) for _, f in client.xrange(keys.DEAD_LETTER_STREAM)]
+    return results, dead
+
+
+def wait_for(client: redis.Redis, ids: set[str], timeout_s: float) -> tuple[list[str], list[dict]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        results, dead = settled(client)
+        if ids <= set(results) | {d["ticket_id"] for d in dead}:
+            return results, dead
+        time.sleep(0.5)
+    return settled(client)
+
+
+def submit_burst(url: str, prefix: str, n: int) -> set[str]:
+    producer = Producer(ProducerSettings(redis_url=url))
+    ids = {f"{prefix}-{i}" for i in range(n)}
+    for ticket_id in sorted(ids):
+        producer.submit({"ticket_id": ticket_id, "text": f"My card {ticket_id} has not arrived"})
+    return ids
+
+
+@pytest.mark.fleet
+def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(
+        fleet: devstack.WorkerProcess, producer: Producer, r: redis.Redis) -> None:
+    """Holes 8 and 10: bytes that are not a task, wrong arguments, lone surrogates, 1 MiB."""
+    send = producer.celery.send_task
+    r.lpush(keys.ROUTE_QUEUE, b"\xffnot json at all")
+    r.lpush(keys.ROUTE_QUEUE, b'{"hello": "world"}')
+    ids = {"no-args": send(keys.ROUTE_TASK, args=[], queue=keys.ROUTE_QUEUE).id,
+           "two-args": send(keys.ROUTE_TASK, args=[{"ticket_id": "x", "text": "a"}, 2],
+                            queue=keys.ROUTE_QUEUE).id,
+           "kwarg": send(keys.ROUTE_TASK, args=[{"ticket_id": "x", "text": "a"}],
+                         kwargs={"priority": "high"}, queue=keys.ROUTE_QUEUE).id,
+           "surrogate": send(keys.ROUTE_TASK, args=[{"ticket_id": "s\ud800", "text": "a\udfff"}],
+                             queue=keys.ROUTE_QUEUE).id,
+           "huge": send(keys.ROUTE_TASK, args=[{"ticket_id": "huge-1", "text": "x" * (1 << 20)}],
+                        queue=keys.ROUTE_QUEUE).id}
+    after = producer.route({"ticket_id": "after-poison", "text": "Where is my card?"},
+                           timeout_s=60)
+    assert after.ticket_id == "after-poison" and fleet.proc.poll() is None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, dead = settled(r)
+        by_task = {d["task_id"]: d for d in dead}
+        if set(ids.values()) <= set(by_task) and sum(d["failure"] == "malformed" for d in dead) >= 5:
+            break
+        time.sleep(0.3)
+    for name in ("no-args", "two-args", "kwarg"):
+        assert by_task[ids[name]]["failure"] == "malformed", name
+        assert not by_task[ids[name]]["retryable"]
+    assert by_task[ids["surrogate"]]["failure"] == "invalid_ticket"
+    assert "\\ud800" in by_task[ids["surrogate"]]["ticket"]
+    huge = by_task[ids["huge"]]
+    assert huge["ticket_truncated"] and huge["ticket_bytes"] > 1 << 20
+    assert len(huge["ticket"]) <= keys.DEAD_LETTER_EXCERPT_CHARS
+    raw = [d for d in dead if d["failure"] == "malformed" and d["task_id"] not in ids.values()]
+    assert {d["ticket"] for d in raw} >= {"\\xffnot json at all", '{"hello": "world"}'}
+    assert all(d["worker"].startswith("fleet1@") for d in dead)  # the Celery node, not the host
+
+
+@pytest.mark.fleet
+def test_redis_refusing_writes_mid_burst_loses_nothing(
+        own_redis: str, s3_endpoint: str, model_uri: str, model_sha: str, cache_dir: Path,
+        tmp_path: Path) -> None:
+    """Holes 1, 7 and 11: Redis at maxmemory (noeviction) refuses the attempt count, the
+    result, the retry and the dead-letter entry; once it recovers every ticket is routed."""
+    client = redis.Redis.from_url(own_redis)
+    worker = start(own_redis, s3_endpoint, model_uri, model_sha, cache_dir, tmp_path / "w.log",
+                   "oom")
+    try:
+        ids = submit_burst(own_redis, "oom", 24)
+        while len(settled(client)[0]) < 3:
+            time.sleep(0.05)
+        client.config_set("maxmemory", 1)
+        time.sleep(8)
+        client.config_set("maxmemory", 0)
+        results, dead = wait_for(client, ids, timeout_s=90)
+        assert worker.proc.poll() is None, worker.log_text()[-3000:]
+    finally:
+        worker.stop()
+    assert sorted(results) == sorted(ids), f"lost: {ids - set(results)}"
+    assert dead == []
+
+
+@pytest.mark.fleet
+def test_whole_worker_killed_mid_burst_is_recovered_within_the_visibility_timeout(
+        own_redis: str, s3_endpoint: str, model_uri: str, model_sha: str, cache_dir: Path,
+        tmp_path: Path) -> None:
+    """Holes 6 and 9: kill -9 the parent and its children; a new worker routes every ticket
+    within visibility_timeout_s (20 s here) plus its boot, and none twice."""
+    client = redis.Redis.from_url(own_redis)
+    first = start(own_redis, s3_endpoint, model_uri, model_sha, cache_dir, tmp_path / "a.log",
+                  "doomed", concurrency=2)
+    ids = submit_burst(own_redis, "kill", 30)
+    while len(settled(client)[0]) < 4:
+        time.sleep(0.05)
+    for pid in [*first.child_pids(), first.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait(10)
+    killed_at = time.monotonic()
+    assert client.hlen(keys.KOMBU_UNACKED) >= 1  # held by the dead worker
+    second = start(own_redis, s3_endpoint, model_uri, model_sha, cache_dir, tmp_path / "b.log",
+                   "rescuer")
+    try:
+        results, dead = wait_for(client, ids, timeout_s=120)
+        recovered_s = time.monotonic() - killed_at
+    finally:
+        second.stop()
+    assert sorted(results) == sorted(ids), f"lost: {ids - set(results)}"
+    assert dead == [] and recovered_s < 20 + 60
+
+
+@pytest.mark.fleet
+def test_worker_that_loses_redis_for_good_exits_non_zero(
+        s3_endpoint: str, model_uri: str, model_sha: str, cache_dir: Path,
+        tmp_path: Path) -> None:
+    """Hole 11: a fatal exit must be non-zero, or an on-failure supervisor won't restart it."""
+    with devstack.redis_server(tmp_path / "redis") as url:
+        worker = start(url, s3_endpoint, model_uri, model_sha, cache_dir, tmp_path / "w.log",
+                       "orphan", broker_connection_max_retries="1")
+    try:
+        code = worker.proc.wait(120)
+    finally:
+        worker.stop()
+    assert code != 0, worker.log_text()[-2000:]

@@ -1,0 +1,195 @@
+"""kombu's Redis transport, hardened for a queue that anyone with broker access can write to.
+
+Two failure modes of the stock transport lose tickets or stop the fleet:
+
+* **Poison bytes.** kombu decodes each popped item with ``json.loads`` inside the consumer's poll
+  loop; one non-JSON value pushed onto ``thinfleet.route`` raised ``JSONDecodeError`` out of the
+  loop and the worker exited ("Unrecoverable error"). Here an item that is not a kombu envelope
+  (bad JSON, not an object, no ``headers``/``properties``/``body``, a body that does not decode)
+  becomes a well-formed task message for the routing task carrying only
+  ``keys.MALFORMED_KWARG`` (reason, bounded excerpt, size): the task dead-letters it as
+  ``malformed`` through the one decision point (``worker.tasks``), and the worker goes on.
+* **Bookkeeping refused.** kombu pops a message (``BRPOP``, which Redis allows at
+  ``maxmemory``) and only then records it in ``unacked`` (``ZADD``/``HSET``, which Redis
+  refuses there). The stock transport raised and the popped ticket existed only in the
+  worker's memory. Here the record is retried with backoff for up to ``APPEND_RETRY_S``
+  (below the liveness probe's staleness), so a ticket survives a write outage of that length;
+  a longer one is logged with the message (``ticket_lost_unrecorded``) and re-raised.
+* **Requeue refused.** ``Reject(requeue=True)`` restores the message with a MULTI/EXEC on Redis;
+  when Redis refuses writes (``maxmemory`` under ``noeviction``) or is gone, the stock ``reject``
+  raised out of the consumer. Here the message then stays in kombu's ``unacked`` hash, where
+  ``visibility_timeout`` restores it once Redis accepts writes again.
+
+Selected with Celery's ``broker_transport`` (``worker.app``); the URL stays ``redis://`` or
+``rediss://``. Written against kombu 5.7's ``kombu.transport.redis``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+import structlog
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from models import keys
+from models.errors import is_transient
+from models.schemas import bounded_ticket
+
+log = structlog.get_logger("thinfleet.transport")
+
+_ENVELOPE_KEYS = ("body", "headers", "properties")
+
+
+def envelope_problem(message: Any) -> str | None:
+    """Why ``message`` (a decoded queue item) is not a kombu envelope of a JSON Celery task
+    message, or ``None`` when it is one. Pure; never raises."""
+    if not isinstance(message, dict):
+        return f"queue item is a JSON {type(message).__name__}, not a kombu envelope"
+    missing = [k for k in _ENVELOPE_KEYS if k not in message]
+    if missing:
+        return f"queue item lacks the kombu envelope's {', '.join(missing)}"
+    headers, properties = message["headers"], message["properties"]
+    if not isinstance(headers, dict) or not isinstance(properties, dict):
+        return "the envelope's headers and properties must be objects"
+    if not isinstance(headers.get("task"), str) or not isinstance(headers.get("id"), str):
+        return "the envelope's headers lack the task name or id (Celery protocol 2)"
+    if message.get("content-type", "application/json") != "application/json":
+        return f"content type {message.get('content-type')!r} is not application/json"
+    body = message["body"]
+    try:
+        if properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body, validate=True)
+        decoded = json.loads(body)
+    except (ValueError, TypeError) as exc:
+        return f"the task body does not decode: {exc}"
+    if not (isinstance(decoded, list) and len(decoded) == 3 and isinstance(decoded[0], list)
+            and isinstance(decoded[1], dict)):
+        return "the task body is not Celery protocol 2's [args, kwargs, embed]"
+    return None
+
+
+def malformed_envelope(raw: bytes | str, reason: str, queue: str) -> dict[str, Any]:
+    """A kombu envelope of a routing task whose only argument is ``keys.MALFORMED_KWARG``
+    (reason, a bounded excerpt of ``raw`` and its size in bytes)."""
+    excerpt, size, _ = bounded_ticket(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str)
+                                      else raw)
+    task_id = str(uuid.uuid4())
+    body = [[], {keys.MALFORMED_KWARG: {"reason": f"malformed queue item: {reason}",
+                                        "excerpt": excerpt, "bytes": size}},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": keys.ROUTE_TASK, "id": task_id, "root_id": task_id,
+                    "parent_id": None, "group": None, "retries": 0, "eta": None,
+                    "expires": None, "timelimit": [None, None], "argsrepr": "()",
+                    "kwargsrepr": "{malformed}", "origin": "thinfleet.transport"},
+        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue},
+                       "priority": 0, "body_encoding": "base64", "delivery_tag": task_id},
+    }
+
+
+def decode_item(item: bytes | str, queue: str) -> dict[str, Any]:
+    """Decode one popped queue item: the envelope itself, or ``malformed_envelope`` for
+    anything else. Never raises."""
+    try:
+        message = json.loads(bytes_to_str(item))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        problem = f"not JSON: {exc}"
+    else:
+        found = envelope_problem(message)
+        if found is None:
+            return message
+        problem = found
+    log.warning("malformed_queue_item", queue=queue, problem=problem,
+                bytes=len(item) if item is not None else 0)
+    return malformed_envelope(item, problem, queue)
+
+
+#: How long the consumer retries recording a popped message in ``unacked`` (seconds).
+APPEND_RETRY_S = 45.0
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS whose ``append`` retries while Redis refuses writes and whose
+    ``reject(requeue=True)`` leaves the message in ``unacked`` when Redis refuses the requeue,
+    instead of raising out of the consumer."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delay_s, deadline = 0.1, time.monotonic() + APPEND_RETRY_S
+        while True:
+            try:
+                super().append(message, delivery_tag)
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline or not is_transient(exc):
+                    log.error("ticket_lost_unrecorded", delivery_tag=delivery_tag,
+                              error=str(exc)[:300], message=str(message._raw)[:2048])
+                    raise
+                log.warning("unacked_record_refused_retrying", delivery_tag=delivery_tag,
+                            error=str(exc)[:300], retry_in_s=delay_s)
+                time.sleep(delay_s)
+                delay_s = min(2.0, delay_s * 2)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if not requeue:
+            super().reject(delivery_tag, requeue=False)
+            return
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        except Exception as exc:  # noqa: BLE001 - any Redis refusal: keep it for redelivery
+            log.warning("requeue_refused_kept_unacked", delivery_tag=delivery_tag,
+                        error=str(exc)[:300], error_type=type(exc).__name__)
+            # Forget it locally (frees the prefetch slot); Redis keeps it in ``unacked``.
+            kombu_redis.virtual.QoS.ack(self, delivery_tag)
+            return
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with ``decode_item`` in place of its bare ``json.loads``."""
+
+    QoS = QoS
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                        **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if dest__item:
+                dest, item = dest__item
+                dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(dest)
+                self.connection._deliver(decode_item(item, dest), dest)
+                return True
+            raise kombu_redis.Empty()
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item:
+                    self._maybe_update_queues_expire(client, queue)
+                    return decode_item(item, queue)
+            self._maybe_update_queues_expire(client, queue)
+            raise kombu_redis.Empty()
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with ``Channel`` above (``broker_transport`` in Celery)."""
+
+    Channel = Channel
