@@ -176,7 +176,7 @@ def test_every_read_of_an_unreachable_redis_is_a_transient_error() -> None:
              lambda: producer.outcome("T"),
              lambda: producer.route({"ticket_id": "T", "text": "hi"}, timeout_s=1)]
     for call in calls:
-        with pytest.raises(TransientError, match="Redis at 127.0.0.1"):
+        with pytest.raises(TransientError, match=r"Redis at 127\.0\.0\.1"):
             call()
 
 
