@@ -10,7 +10,7 @@ LLAMA_FLAGS_ID := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256su
 WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
 STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
-.PHONY: install install-train demo test lint pytest schema train eval bench clean chart
+.PHONY: install install-train demo test lint pytest schema train eval bench faults clean chart
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.routing --reps 5 --tickets 12
 	$(BIN)/python -m bench.fleet --reps 5 --tickets 60
+
+# The fault suite (README "Delivery under faults"): real Redis, S3, workers and model; ~10 min.
+faults: install
+	$(BIN)/python -m bench.faults --tickets 150
 
 # Render the chart as the tests do (default values); e.g. `make chart VALUES=helm/thinfleet/ci/tls-values.yaml`.
 VALUES ?=

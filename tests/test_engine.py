@@ -74,3 +74,33 @@ def test_extraction_fields_are_bounded_strings(model_file: Path) -> None:
         assert isinstance(value, str) and value and "\n" not in value
         assert len(value) < spec.max_tokens * 32
     json.dumps(outcome.fields)  # always serialisable
+
+
+ROUTER = Path(__file__).parent.parent / "models" / "trained" / "banking77-gemma3-270m-lora"
+
+
+def test_hidden_state_without_the_embeddings_tax_is_the_same(model_file: Path) -> None:
+    """Issue 16: decoding the ticket with embeddings off and only its last token with them on
+    gives the shipped router the same labels, and confidences equal up to float rounding, as one
+    decode in embeddings mode (which ran the output layer for every ticket token)."""
+    import numpy as np
+
+    from worker.engine import LabelHead
+    from worker.prompt import encode_ticket
+
+    taxonomy = load_taxonomy("banking77")
+    head = LabelHead.load(ROUTER / "head.npz")
+    engine = RoutingEngine(model_file, taxonomy, n_threads=2, adapter_path=ROUTER / "adapter.gguf",
+                           head=head, prompt_style="compact", max_ticket_tokens=64)
+    try:
+        rt, base = engine.runtime, engine.prefix_len
+        for text in sample_texts(12):
+            outcome = engine.route(text)
+            ids, _ = encode_ticket(rt.tokenize, text, None, engine.max_ticket_tokens)
+            taxed = head.probabilities(rt.decode_all_outputs(ids, base))
+            rt.forget(0, base)
+            assert head.labels[int(np.argmax(taxed))] == outcome.label
+            # Not bit-identical: llama.cpp's kernels differ by batch size (README, "Speed").
+            assert outcome.confidence == pytest.approx(float(taxed.max()), abs=0.02)
+    finally:
+        engine.close()

@@ -91,20 +91,56 @@ def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+class RedisServer:
+    """A redis-server of our own on 127.0.0.1, which a fault test may kill and restart.
+
+    ``appendonly`` turns on AOF with ``appendfsync everysec`` (as docker-compose.yml runs it);
+    restarting on the same ``workdir`` and port then reloads what was persisted.
+    """
+
+    def __init__(self, workdir: Path, appendonly: bool = False, port: int | None = None):
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start it (again) and wait until it accepts connections."""
+        persistence = (["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly
+                       else ["--appendonly", "no"])
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", LOCALHOST, "--save", "",
+             *persistence, "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, 15, self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync (what a crashed host does)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None:
+            _stop(self.proc)
+
+
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
     """Run a throwaway redis-server on a free port; yields its URL (db 0)."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", LOCALHOST, "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(workdir).start()
     try:
-        _wait_port(port, 15, proc)
-        yield f"redis://{LOCALHOST}:{port}/0"
+        yield server.url
     finally:
-        _stop(proc)
+        server.stop()
 
 
 @contextlib.contextmanager

@@ -131,7 +131,10 @@ class RoutingEngine:
         pos, evaluations = base, 1
         try:
             t0 = time.perf_counter()
-            logits = rt.decode(ticket_ids, pos)
+            if self.head is not None:  # the label needs only the last token's hidden state
+                hidden = rt.decode_hidden(ticket_ids, pos)
+            else:
+                logits = rt.decode(ticket_ids, pos)
             pos += len(ticket_ids)
             t1 = time.perf_counter()
 
@@ -143,7 +146,7 @@ class RoutingEngine:
                 return out
 
             if self.head is not None:
-                probs = self.head.probabilities(rt.embedding())
+                probs = self.head.probabilities(hidden)
                 best = int(np.argmax(probs))
                 label, confidence = self.head.labels[best], float(probs[best])
                 pending, tokens_out = [*self.trie.sequences[label]], 0

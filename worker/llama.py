@@ -148,6 +148,12 @@ class LlamaRuntime:
                 self.close()
                 raise ModelUnavailable(f"llama.cpp refused the LoRA adapter {lora_path}")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        # Embeddings mode is switched on only for the one token whose hidden state is read
+        # (``decode_hidden``): with it on, llama.cpp outputs every token of a batch, so the
+        # 262k-row output layer ran for every ticket token (issue 16: 155 vs 75 ms a ticket).
+        self.embeddings = embeddings
+        if embeddings:
+            llama_cpp.llama_set_embeddings(self.ctx, False)
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -192,6 +198,41 @@ class LlamaRuntime:
                 raise RuntimeError(f"llama_decode returned {status}")
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def decode_hidden(self, tokens: list[int], pos0: int, seq_id: int = 0
+                      ) -> npt.NDArray[np.float32]:
+        """Append ``tokens`` like ``decode`` and return the final hidden state (after the
+        output norm) of the last one, shape ``[n_embd]`` (a copy).
+
+        All but the last token are decoded with embeddings off (one output row, as ``decode``);
+        the last alone with them on. The result equals one decode in embeddings mode up to
+        float rounding (llama.cpp's CPU kernels differ by batch size: a 1-row matmul is not
+        bit-identical to a row of a larger one): the same label on every ticket of the shipped
+        router's validation split and confidences within 0.01 (``bench.embeddings_tax``), at
+        about half the cost.
+        Needs ``embeddings=True``; raises ``RuntimeError`` as ``decode`` does.
+        """
+        if not self.embeddings:
+            raise RuntimeError("no embeddings: the runtime was created without embeddings=True")
+        if len(tokens) > 1:
+            self.decode(tokens[:-1], pos0, seq_id)
+        llama_cpp.llama_set_embeddings(self.ctx, True)
+        try:
+            self.decode(tokens[-1:], pos0 + len(tokens) - 1, seq_id)
+            return self.embedding()
+        finally:
+            llama_cpp.llama_set_embeddings(self.ctx, False)
+
+    def decode_all_outputs(self, tokens: list[int], pos0: int) -> npt.NDArray[np.float32]:
+        """The old, taxed path: one decode of ``tokens`` with embeddings on (every token of the
+        batch goes through the output layer); returns the last token's hidden state. Kept for
+        the benchmark and the equivalence test only."""
+        llama_cpp.llama_set_embeddings(self.ctx, True)
+        try:
+            self.decode(tokens, pos0)
+            return self.embedding()
+        finally:
+            llama_cpp.llama_set_embeddings(self.ctx, False)
 
     def embedding(self) -> npt.NDArray[np.float32]:
         """The final hidden state (after the output norm) of the last decoded token, shape

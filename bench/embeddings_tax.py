@@ -1,0 +1,96 @@
+"""The embeddings tax, measured: the label head's hidden state with and without it.
+
+In embeddings mode llama.cpp outputs every token of a batch, so reading the last token's hidden
+state with one decode in that mode ran the 262k-row output layer for every ticket token
+(``taxed``). ``LlamaRuntime.decode_hidden`` decodes all but the last token with embeddings off
+and the last alone with them on (``untaxed``). On the validation split, in one process, same
+model, each ticket through both paths in alternating order:
+
+* agreement: tickets with the same label, the largest confidence difference, and the
+  accuracy of each path against the gold intents;
+* speed: median and p95 of the ticket's decode time per path, and their ratio.
+
+    .venv/bin/python -m bench.embeddings_tax --tickets 1001 --threads 2
+    .venv/bin/python -m bench.embeddings_tax --model adapter    # adapter applied at load
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+VALIDATION = Path("data/banking77/validation.csv")
+OUT = Path("var/bench/embeddings_tax.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tickets", type=int, default=1001)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=["merged", "adapter"], default="merged",
+                        help="the merged Q4_K_M the fleet serves (default) or base + adapter")
+    args = parser.parse_args(argv)
+
+    from models import load_taxonomy
+    from models.manifest import Manifest
+    from thinfleet import devstack
+    from thinfleet.demo import SHIPPED_MANIFEST, merged_router
+    from worker.engine import LabelHead, RoutingEngine
+    from worker.prompt import encode_ticket
+
+    manifest_path = merged_router() if args.model == "merged" else SHIPPED_MANIFEST
+    staged = devstack.stage_model_dir(manifest_path)
+    manifest = Manifest.model_validate_json(staged.read_text())
+    folder = staged.parent
+    head = LabelHead.load(folder / manifest.head.path) if manifest.head else None
+    engine = RoutingEngine(
+        folder / manifest.base_model.path, load_taxonomy(manifest.taxonomy.name),
+        n_threads=args.threads, max_ticket_tokens=manifest.max_ticket_tokens or 64,
+        adapter_path=folder / manifest.adapter.path if manifest.adapter else None, head=head,
+        prompt_style=manifest.prompt_style)  # type: ignore[arg-type]
+    assert head is not None
+    with VALIDATION.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:args.tickets]
+    rt, base = engine.runtime, engine.prefix_len
+    times: dict[str, list[float]] = {"taxed": [], "untaxed": []}
+    labels: dict[str, list[str]] = {"taxed": [], "untaxed": []}
+    conf: dict[str, list[float]] = {"taxed": [], "untaxed": []}
+    for i, row in enumerate(rows):
+        ids, _ = encode_ticket(rt.tokenize, row["text"], None, engine.max_ticket_tokens)
+        order = ("taxed", "untaxed") if i % 2 == 0 else ("untaxed", "taxed")
+        for path in order:
+            started = time.perf_counter()
+            hidden = (rt.decode_all_outputs(ids, base) if path == "taxed"
+                      else rt.decode_hidden(ids, base))
+            times[path].append((time.perf_counter() - started) * 1000)
+            rt.forget(0, base)
+            probs = head.probabilities(hidden)
+            labels[path].append(head.labels[int(np.argmax(probs))])
+            conf[path].append(float(probs.max()))
+    engine.close()
+    gold = [row["category"] for row in rows]
+    report = {
+        "model": args.model, "tickets": len(rows), "threads": args.threads,
+        "same_label": sum(a == b for a, b in zip(labels["taxed"], labels["untaxed"], strict=True)),
+        "max_confidence_diff": max(abs(a - b) for a, b in
+                                   zip(conf["taxed"], conf["untaxed"], strict=True)),
+        **{f"{path}_{name}": value for path in times for name, value in (
+            ("accuracy", sum(p == g for p, g in zip(labels[path], gold, strict=True)) / len(rows)),
+            ("p50_ms", statistics.median(times[path])),
+            ("p95_ms", float(np.percentile(times[path], 95))))},
+    }
+    report["speedup_p50"] = report["taxed_p50_ms"] / report["untaxed_p50_ms"]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
