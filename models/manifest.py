@@ -47,6 +47,36 @@ class DataRef(BaseModel):
     split: str
 
 
+class Calibration(BaseModel):
+    """Temperature scaling of the label head (Guo et al. 2017, arXiv:1706.04599), fitted by NLL
+    on rows that did not train the model. ``scheme`` says which rows and how the reported
+    figures were kept out of the fit; ``ece_before``/``ece_after`` are on rows not used to fit
+    (15 equal-width bins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0)
+    fitted_on: str
+    rows: int = Field(ge=1)
+    scheme: str
+    ece_before: float
+    ece_after: float
+
+
+class SelectiveRouting(BaseModel):
+    """The auto-route threshold that meets ``precision_target`` on calibration rows: the
+    worker sends tickets below it to the taxonomy's fallback route (unless the taxonomy sets
+    ``override_model_threshold``). ``coverage``/``precision``: out-of-fold, on those rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision_target: float = Field(gt=0, lt=1)
+    threshold: float = Field(ge=0, le=1)
+    coverage: float
+    precision: float | None
+
+
 class Manifest(BaseModel):
     """A routing model: base GGUF + optional LoRA adapter + optional label head.
 
@@ -70,6 +100,8 @@ class Manifest(BaseModel):
     training_data: DataRef | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+    selective: SelectiveRouting | None = None
 
     def files(self) -> list[FileRef]:
         """Every file the worker must fetch and verify."""

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from models.errors import TaxonomyError
 
 BUILTIN_DIR = Path(str(files("models").joinpath("taxonomies")))
+#: Keys added after manifests began pinning taxonomy digests, with their defaults.
+_ADDED_KEYS: dict[str, object] = {"override_model_threshold": False, "route_thresholds": {}}
 
 
 class Label(BaseModel):
@@ -65,6 +67,10 @@ class Taxonomy(BaseModel):
     confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     labels: list[Label] = Field(min_length=2)
     fields: list[ExtractionField] = Field(default_factory=list)
+    #: When true, ``confidence_threshold`` wins over a model's precision-targeted threshold.
+    override_model_threshold: bool = False
+    #: Per-route thresholds (e.g. ``security: 0.9``); they win for their route.
+    route_thresholds: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique(self) -> Taxonomy:
@@ -90,7 +96,11 @@ class Taxonomy(BaseModel):
     @property
     def sha256(self) -> str:
         """Hex sha256 of the taxonomy's canonical JSON (stable across YAML formatting)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for key, default in _ADDED_KEYS.items():  # keys added later enter only when set, so
+            if data.get(key) == default:           # the digests that manifests pin stay valid
+                del data[key]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
@@ -98,11 +108,25 @@ class Taxonomy(BaseModel):
         """``name@sha256[:12]``: what a routed result records as its taxonomy."""
         return f"{self.name}@{self.sha256[:12]}"
 
-    def route_for(self, label: str, confidence: float) -> tuple[str, bool]:
-        """Return ``(route, is_fallback)`` for a decoded label and its confidence in [0, 1]."""
-        if confidence < self.confidence_threshold:
+    def threshold_for(self, model_threshold: float | None = None, route: str | None = None
+                      ) -> float:
+        """The auto-route threshold in force: the route's own (``route_thresholds``), else the
+        model's precision-targeted one (manifest ``selective.threshold``) unless
+        ``override_model_threshold``, else ``confidence_threshold``."""
+        if route is not None and route in self.route_thresholds:
+            return self.route_thresholds[route]
+        if model_threshold is not None and not self.override_model_threshold:
+            return model_threshold
+        return self.confidence_threshold
+
+    def route_for(self, label: str, confidence: float, model_threshold: float | None = None
+                  ) -> tuple[str, bool]:
+        """Return ``(route, is_fallback)`` for a decoded label and its confidence in [0, 1]:
+        the fallback route below ``threshold_for`` the label's route."""
+        route = self.routes[label]
+        if confidence < self.threshold_for(model_threshold, route):
             return self.fallback_route, True
-        return self.routes[label], False
+        return route, False
 
 
 def builtin_taxonomies() -> list[str]:

@@ -8,6 +8,7 @@
     thinfleet results  [--follow] [--dead-letter] print stream entries as JSON lines
     thinfleet route    TEXT --wait                enqueue and wait for the routed result
     thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
+    thinfleet calibrate --manifest M --precision P  fit temperature and threshold into M
     thinfleet demo                                the whole fleet on real Banking77 tickets
 
 Exit codes: 0 ok, 1 the system failed (unreachable Redis, worker boot refused), 2 bad input.
@@ -211,9 +212,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     train_rows = read_labelled(Path(args.train_data), args.train_text_column,
                                args.train_label_column)
     report = evaluate(engine, spec.name, taxonomy, rows, train_rows, Path(args.data).name,
-                      Path(args.out))
+                      Path(args.out), threshold=taxonomy.threshold_for(spec.threshold),
+                      precision_target=args.precision)
     print(markdown_report(report))
     print(f"reports: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from models import load_taxonomy
+    from training.calibrate_model import calibrate_manifest
+    from training.recipe import read_labelled
+
+    manifest = Path(args.manifest)
+    rows = read_labelled(Path(args.data), args.text_column, args.label_column)
+    summary = calibrate_manifest(manifest, load_taxonomy(args.taxonomy), rows, Path(args.data),
+                                 args.precision, folds=args.folds, out=Path(args.out or manifest))
+    _print_json(summary)
     return 0
 
 
@@ -330,7 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-text-column", default="text")
     p.add_argument("--train-label-column", default="category")
     p.add_argument("--out", default="var/eval")
+    p.add_argument("--precision", type=float, default=0.98,
+                   help="precision target of the out-of-fold selective-routing figures")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fit a head router's temperature and the threshold "
+                       "that meets a precision target; write both into its manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--data", default="data/banking77/validation.csv",
+                   help="labelled rows the model was not trained on")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="category")
+    p.add_argument("--taxonomy", default="banking77")
+    p.add_argument("--precision", type=float, default=0.98, help="precision target, e.g. 0.98")
+    p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the figures")
+    p.add_argument("--out", help="where to write the manifest (default: in place)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("merge", help="fold a router's LoRA adapter into its base model and "
                        "quantize it (Q4_K_M or Q8_0): a one-file model with its own manifest")

@@ -9,7 +9,14 @@ given training file minus every row whose text appears in the evaluation rows.
 Metrics (scikit-learn where it has them): accuracy, macro-F1, per-label precision/recall/F1
 (worst first), the most frequent confusion pairs, valid-label rate, expected calibration error
 (15 equal-width bins, Guo et al. 2017, arXiv:1706.04599), coverage and precision at the
-taxonomy's fallback threshold, and p50/p95 latency per ticket.
+threshold in force, the risk–coverage curve's AURC and coverage at 95/98/99 % precision
+(Geifman & El-Yaniv 2017, ``training.calibrate``), and p50/p95 latency per ticket.
+
+For a model with a label head, the report also holds its uncalibrated figures (temperature 1)
+and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature and threshold fitted
+on 4/5 of the rows, measured on the fifth), which are the honest ones when the manifest's
+calibration was fitted on these same rows. Two plots are written beside the report: a
+reliability diagram and the risk–coverage curves (``reliability.png``, ``risk_coverage.png``).
 """
 
 from __future__ import annotations
@@ -18,39 +25,37 @@ import itertools
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.taxonomy import Taxonomy
+from training.calibrate import (
+    ECE_BINS,
+    cross_fit,
+    expected_calibration_error,
+    risk_coverage,
+    softmax,
+)
 
-ECE_BINS = 15
+__all__ = ["ECE_BINS", "Predictions", "evaluate", "expected_calibration_error", "score"]
 
 
 @dataclass
 class Predictions:
-    """Predicted labels and confidences for rows, with per-ticket latency in ms."""
+    """Predicted labels and confidences for rows, with per-ticket latency in ms, and the label
+    head's raw scores ``[n_labels]`` per row when the model has a head (else empty)."""
 
     labels: list[str]
     confidences: list[float]
     latencies_ms: list[float]
+    scores: list[np.ndarray] = field(default_factory=list)
 
 
-def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray,
-                               bins: int = ECE_BINS) -> float:
-    """ECE: the support-weighted mean |accuracy - confidence| over equal-width confidence bins."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for low, high in itertools.pairwise(edges):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
-
-
-def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy) -> dict[str, Any]:
+def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy,
+          threshold: float | None = None) -> dict[str, Any]:
     """All metrics of one system on one set of rows (see the module docstring)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
@@ -66,7 +71,7 @@ def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy) -> dict
                                                            strict=True) if s),
         key=lambda row: (row["f1"], row["label"]))
     confusions = Counter((g, p) for g, p in zip(gold, predicted, strict=True) if g != p)
-    threshold = taxonomy.confidence_threshold
+    threshold = taxonomy.confidence_threshold if threshold is None else threshold
     confident = confidence >= threshold
     latencies = np.array(predictions.latencies_ms or [0.0])
     return {
@@ -79,6 +84,7 @@ def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy) -> dict
         "threshold": threshold,
         "coverage_at_threshold": float(confident.mean()),
         "precision_at_threshold": float(correct[confident].mean()) if confident.any() else None,
+        **risk_coverage(correct, confidence).as_dict(),
         "latency_ms_p50": float(np.percentile(latencies, 50)),
         "latency_ms_p95": float(np.percentile(latencies, 95)),
         "per_label_worst_first": per_label,
@@ -98,7 +104,79 @@ def predict_engine(engine: Any, texts: list[str], progress: bool = True) -> Pred
         out.latencies_ms.append((time.perf_counter() - started) * 1000)
         out.labels.append(outcome.label)
         out.confidences.append(outcome.confidence)
+        if outcome.scores is not None:
+            out.scores.append(np.asarray(outcome.scores, dtype=np.float64))
     return out
+
+
+def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Taxonomy,
+                        precision_target: float, folds: int = 5, seed: int = 13
+                        ) -> dict[str, Any]:
+    """Uncalibrated (T = 1) and out-of-fold calibrated figures of a head model's raw scores:
+    ECE, AURC, coverage at 95/98/99 % precision, and the coverage and precision of a threshold
+    fitted for ``precision_target`` on the other folds."""
+    scores = np.stack(predictions.scores)
+    index = {label: i for i, label in enumerate(taxonomy.label_names)}
+    gold_idx = np.array([index[g] for g in gold])
+    correct = scores.argmax(axis=1) == gold_idx
+    raw = softmax(scores, 1.0).max(axis=1)
+    fit = cross_fit(scores, gold_idx, precision_target, folds, seed)
+    routed = fit.routed
+    return {
+        "uncalibrated": {"ece": expected_calibration_error(correct, raw),
+                         **risk_coverage(correct, raw).as_dict()},
+        "out_of_fold": {
+            "folds": folds, "temperatures": fit.temperatures, "thresholds": fit.thresholds,
+            "ece": expected_calibration_error(correct, fit.confidence),
+            **risk_coverage(correct, fit.confidence).as_dict(),
+            "precision_target": precision_target, "coverage": float(routed.mean()),
+            "precision": float(correct[routed].mean()) if routed.any() else None},
+        "_curves": {"correct": correct, "raw": raw, "calibrated": fit.confidence},
+    }
+
+
+def plot_calibration(out_dir: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Write ``reliability.png`` (accuracy against confidence, 15 bins) and
+    ``risk_coverage.png`` for each named system's ``(correct, confidence)``; returns the file
+    names. Uses matplotlib's Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for name, (correct, confidence) in curves.items():
+        xs, ys = [], []
+        for low, high in itertools.pairwise(edges):
+            in_bin = (confidence > low) & (confidence <= high)
+            if in_bin.sum() >= 5:
+                xs.append(confidence[in_bin].mean())
+                ys.append(correct[in_bin].mean())
+        ece = expected_calibration_error(correct, confidence)
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence (bin mean)", ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability diagram (15 equal-width bins, >= 5 tickets)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reliability.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (correct, confidence) in curves.items():
+        curve = risk_coverage(correct, confidence)
+        ax.plot(curve.coverage, curve.risk, label=f"{name} (AURC {curve.aurc:.4f})")
+    for target in (0.95, 0.98, 0.99):
+        ax.axhline(1 - target, color="grey", linestyle=":", linewidth=0.8)
+        ax.text(0.01, 1 - target, f"{target:.0%} precision", fontsize=7, va="bottom")
+    ax.set(xlabel="coverage (share of tickets auto-routed)", ylabel="risk (error rate among them)",
+           xlim=(0, 1), ylim=(0, 0.12), title="Risk–coverage")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "risk_coverage.png", dpi=110)
+    plt.close(fig)
+    return ["reliability.png", "risk_coverage.png"]
 
 
 def predict_tfidf(train_rows: list[tuple[str, str]], texts: list[str]) -> Predictions:
@@ -130,20 +208,47 @@ def baseline_rows(train_rows: list[tuple[str, str]], eval_rows: list[tuple[str, 
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    """A human-readable report: the two systems side by side, then the model's details."""
+    """A human-readable report: the two systems side by side, calibration, then the details."""
     model, base = report["model"], report["baseline"]
     rows = [("accuracy", "accuracy", "{:.1%}"), ("macro-F1", "macro_f1", "{:.3f}"),
             ("valid labels", "valid_label_rate", "{:.1%}"), ("ECE", "ece", "{:.3f}"),
+            ("AURC", "aurc", "{:.4f}"),
             ("coverage at threshold", "coverage_at_threshold", "{:.1%}"),
             ("precision at threshold", "precision_at_threshold", "{:.1%}"),
             ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
             ("latency p95 (ms)", "latency_ms_p95", "{:.1f}")]
     lines = [f"# Evaluation: {report['model_name']} on {report['data']} ({model['n']} tickets)",
-             "", f"Taxonomy {report['taxonomy']}, fallback threshold {model['threshold']}.", "",
+             "", f"Taxonomy {report['taxonomy']}, auto-route threshold in force "
+             f"{model['threshold']:.4f}.", "",
              f"| metric | {report['model_name']} | TF-IDF baseline |", "| --- | --- | --- |"]
     for title, key, fmt in rows:
-        cells = [fmt.format(x[key]) if x[key] is not None else "-" for x in (model, base)]
+        cells = [fmt.format(x[key]) if x.get(key) is not None else "-" for x in (model, base)]
         lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
+    for target in ("0.95", "0.98", "0.99"):
+        cells = [f"{x['coverage_at_precision'][target]:.1%}" for x in (model, base)]
+        lines.append(f"| coverage at {float(target):.0%} precision | {cells[0]} | {cells[1]} |")
+    calibration = report.get("calibration")
+    if calibration:
+        raw, oof = calibration["uncalibrated"], calibration["out_of_fold"]
+        lines += ["", "## Calibration (label head)", "",
+                  f"Out-of-fold: temperature and a {oof['precision_target']:.0%}-precision "
+                  f"threshold fitted on {oof['folds'] - 1}/{oof['folds']} of these rows, "
+                  "measured on the rest (cross-fitting).", "",
+                  "| | uncalibrated (T = 1) | temperature-scaled, out-of-fold |",
+                  "| --- | --- | --- |",
+                  f"| ECE | {raw['ece']:.3f} | {oof['ece']:.3f} |",
+                  f"| AURC | {raw['aurc']:.4f} | {oof['aurc']:.4f} |"]
+        for target in ("0.95", "0.98", "0.99"):
+            lines.append(f"| coverage at {float(target):.0%} precision | "
+                         f"{raw['coverage_at_precision'][target]:.1%} | "
+                         f"{oof['coverage_at_precision'][target]:.1%} |")
+        precision = "-" if oof["precision"] is None else f"{oof['precision']:.1%}"
+        lines += ["", f"A threshold fitted for {oof['precision_target']:.0%} precision on the "
+                  f"other folds auto-routed {oof['coverage']:.1%} of held-out tickets at "
+                  f"{precision} precision (temperatures "
+                  f"{', '.join(f'{t:.3f}' for t in oof['temperatures'])})."]
+    for name in report.get("plots", []):
+        lines += ["", f"![{name}]({name})"]
     lines += ["", "## Worst labels (model)", "", "| label | F1 | precision | recall | support |",
               "| --- | --- | --- | --- | --- |"]
     for row in model["per_label_worst_first"][:15]:
@@ -158,9 +263,11 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
              eval_rows: list[tuple[str, str]], train_rows: list[tuple[str, str]],
-             data_name: str, out_dir: Path | None = None, progress: bool = True
+             data_name: str, out_dir: Path | None = None, progress: bool = True,
+             threshold: float | None = None, precision_target: float = 0.98
              ) -> dict[str, Any]:
-    """Score ``engine`` and the TF-IDF baseline on ``eval_rows``; write JSON and Markdown.
+    """Score ``engine`` and the TF-IDF baseline on ``eval_rows``; write JSON, Markdown and the
+    two plots. ``threshold`` is the auto-route threshold in force (default: the taxonomy's).
 
     Raises ``KeyError`` if a gold label is not in the taxonomy.
     """
@@ -169,15 +276,30 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
         raise KeyError(f"gold labels outside taxonomy {taxonomy.name}: {sorted(unknown)[:5]}")
     texts = [text for text, _ in eval_rows]
     gold = [label for _, label in eval_rows]
-    report = {
+    predictions = predict_engine(engine, texts, progress)
+    baseline = predict_tfidf(baseline_rows(train_rows, eval_rows), texts)
+    report: dict[str, Any] = {
         "model_name": model_name, "taxonomy": taxonomy.ref, "data": data_name,
-        "model": score(gold, predict_engine(engine, texts, progress), taxonomy),
-        "baseline": score(gold, predict_tfidf(baseline_rows(train_rows, eval_rows), texts),
-                          taxonomy),
+        "model": score(gold, predictions, taxonomy, threshold),
+        "baseline": score(gold, baseline, taxonomy),
         "baseline_name": "tfidf-char-wb-2-5+logreg",
     }
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if predictions.scores:
+        calibration = calibration_figures(gold, predictions, taxonomy, precision_target)
+        raw_curves = calibration.pop("_curves")
+        report["calibration"] = calibration
+        curves["router, uncalibrated"] = (raw_curves["correct"], raw_curves["raw"])
+        curves["router, temperature-scaled (out-of-fold)"] = (raw_curves["correct"],
+                                                               raw_curves["calibrated"])
+    else:
+        correct = np.array([g == p for g, p in zip(gold, predictions.labels, strict=True)])
+        curves["model"] = (correct, np.array(predictions.confidences))
+    base_correct = np.array([g == p for g, p in zip(gold, baseline.labels, strict=True)])
+    curves["TF-IDF baseline"] = (base_correct, np.array(baseline.confidences))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        report["plots"] = plot_calibration(out_dir, curves)
         (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "eval.md").write_text(markdown_report(report))
     return report

@@ -22,7 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from models.manifest import MANIFEST_NAME, DataRef, FileRef, Manifest, TaxonomyRef
+from models.manifest import (
+    MANIFEST_NAME,
+    Calibration,
+    DataRef,
+    FileRef,
+    Manifest,
+    SelectiveRouting,
+    TaxonomyRef,
+)
 from models.taxonomy import Taxonomy
 from worker.acquire import sha256_file
 
@@ -82,7 +90,8 @@ def write_manifest(out_dir: Path, *, name: str, base_gguf: Path, taxonomy: Taxon
                    adapter: Path | None, head: Path | None, decoder: Literal["head", "trie"],
                    prompt_style: Literal["catalog", "compact"],
                    max_ticket_tokens: int, data: DataRef | None, recipe: dict,
-                   metrics: dict) -> Path:
+                   metrics: dict, calibration: Calibration | None = None,
+                   selective: SelectiveRouting | None = None) -> Path:
     """Write ``out_dir/manifest.json``; every file but the base must already be in ``out_dir``."""
     manifest = Manifest(
         name=name, base_model=file_ref(base_gguf),
@@ -91,7 +100,8 @@ def write_manifest(out_dir: Path, *, name: str, base_gguf: Path, taxonomy: Taxon
         max_ticket_tokens=max_ticket_tokens,
         taxonomy=TaxonomyRef(name=taxonomy.name, sha256=taxonomy.sha256,
                              labels=len(taxonomy.labels)),
-        training_data=data, recipe=recipe, metrics=metrics)
+        training_data=data, recipe=recipe, metrics=metrics, calibration=calibration,
+        selective=selective)
     path = out_dir / MANIFEST_NAME
     path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path

@@ -60,6 +60,8 @@ class Recipe:
     max_ticket_tokens: int = 64
     prompt_style: PromptStyle = "compact"
     seed: int = 13
+    #: the precision target whose threshold ``thinfleet calibrate`` records after export
+    precision_target: float = 0.98
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 

@@ -134,4 +134,5 @@ def export_merged(manifest_path: Path, out_dir: Path, qtype: QuantType, threads:
     return write_manifest(out_dir, name=name, base_gguf=merged, taxonomy=taxonomy, adapter=None,
                           head=head, decoder=source.decoder, prompt_style=source.prompt_style,
                           max_ticket_tokens=source.max_ticket_tokens, data=source.training_data,
-                          recipe=recipe, metrics={})
+                          recipe=recipe, metrics={}, calibration=source.calibration,
+                          selective=source.selective)

@@ -6,6 +6,9 @@
     OUT/adapter.gguf      LoRA adapter (f16 GGUF), applied at load on the base Q4_K_M GGUF
     OUT/head.npz          the label head
     OUT/eval.json, .md    validation metrics beside the TF-IDF baseline
+    (manifest.json also carries the head's temperature and the threshold for
+    ``recipe.precision_target``, fitted on the validation rows, figures out-of-fold:
+    ``training.calibrate_model``)
     OUT/work/             PEFT adapter, base config, train.json (not needed to serve)
 """
 
@@ -71,7 +74,7 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
                         if k not in ("per_label_worst_first", "confusion_pairs")}
                for system in ("model", "baseline")}
     train_info = json.loads((work / "train.json").read_text())
-    return write_manifest(
+    path = write_manifest(
         out_dir, name=out_dir.name, base_gguf=base_gguf, taxonomy=taxonomy,
         adapter=out_dir / "adapter.gguf", head=out_dir / HEAD_FILE, decoder="head",
         prompt_style=recipe.prompt_style, max_ticket_tokens=recipe.max_ticket_tokens,
@@ -81,3 +84,8 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
                 "train_tokens": train_info["tokens"], "device": train_info["device"],
                 "threads": train_info["threads"]},
         metrics=metrics)
+    from training.calibrate_model import calibrate_manifest
+
+    calibrate_manifest(path, taxonomy, eval_rows, data, recipe.precision_target,
+                       seed=recipe.seed)
+    return path

@@ -167,6 +167,9 @@ class ModelSpec:
     max_ticket_tokens: int | None
     seconds: float
     downloaded: bool
+    #: the manifest's calibration temperature (1.0: none) and precision-targeted threshold
+    temperature: float = 1.0
+    threshold: float | None = None
 
 
 def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
@@ -220,7 +223,9 @@ def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
         downloaded |= got.downloaded
     return ModelSpec(manifest.name, digest, paths["base"], paths.get("adapter"), paths.get("head"),
                      manifest.decoder, manifest.prompt_style, manifest.max_ticket_tokens,
-                     time.perf_counter() - started, downloaded)
+                     time.perf_counter() - started, downloaded,
+                     manifest.calibration.temperature if manifest.calibration else 1.0,
+                     manifest.selective.threshold if manifest.selective else None)
 
 
 def resolve_from_settings(settings: WorkerSettings, taxonomy_sha256: str) -> ModelSpec:

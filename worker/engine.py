@@ -45,23 +45,33 @@ class LabelHead:
     weight: np.ndarray
     bias: np.ndarray
     labels: list[str]
+    temperature: float = 1.0
 
     @classmethod
-    def load(cls, path: Path) -> LabelHead:
-        """Read a ``head.npz``. Raises ``ModelUnavailable`` when it is unreadable or malformed."""
+    def load(cls, path: Path, temperature: float = 1.0) -> LabelHead:
+        """Read a ``head.npz``; ``temperature`` is the manifest's calibration (1.0: none).
+        Raises ``ModelUnavailable`` when it is unreadable or malformed."""
+        if not temperature > 0:
+            raise ModelUnavailable(f"label head temperature must be > 0, got {temperature}")
         try:
             with np.load(path, allow_pickle=False) as data:
                 head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32),
-                           [str(x) for x in data["labels"]])
+                           [str(x) for x in data["labels"]], float(temperature))
         except (OSError, KeyError, ValueError) as exc:
             raise ModelUnavailable(f"label head {path} is unreadable: {exc}") from exc
         if head.weight.shape[0] != len(head.labels) or head.bias.shape != (len(head.labels),):
             raise ModelUnavailable(f"label head {path} has inconsistent shapes")
         return head
 
+    def scores(self, hidden: np.ndarray) -> np.ndarray:
+        """Raw label scores (logits) ``weight @ hidden + bias``, ``[n_labels]``; ``hidden`` is
+        ``[n_embd]``."""
+        return self.weight @ hidden.astype(np.float32) + self.bias
+
     def probabilities(self, hidden: np.ndarray) -> np.ndarray:
-        """Softmax over labels of ``weight @ hidden + bias``; ``hidden`` is ``[n_embd]``."""
-        scores = self.weight @ hidden.astype(np.float32) + self.bias
+        """Softmax over labels of ``scores(hidden) / temperature`` (temperature scaling, Guo et
+        al. 2017: calibrates the confidence, never changes the argmax)."""
+        scores = self.scores(hidden) / self.temperature
         scores = np.exp(scores - scores.max())
         return scores / scores.sum()
 
@@ -79,6 +89,8 @@ class RouteOutcome:
     prompt_eval_ms: float = 0.0
     decode_ms: float = 0.0
     truncated: bool = False
+    #: the label head's raw scores ``[n_labels]`` (for calibration; not published), or None
+    scores: np.ndarray | None = None
 
 
 class RoutingEngine:
@@ -131,6 +143,7 @@ class RoutingEngine:
         pos, evaluations = base, 1
         try:
             t0 = time.perf_counter()
+            raw_scores = None
             if self.head is not None:  # the label needs only the last token's hidden state
                 hidden = rt.decode_hidden(ticket_ids, pos)
             else:
@@ -146,6 +159,7 @@ class RoutingEngine:
                 return out
 
             if self.head is not None:
+                raw_scores = self.head.scores(hidden)
                 probs = self.head.probabilities(hidden)
                 best = int(np.argmax(probs))
                 label, confidence = self.head.labels[best], float(probs[best])
@@ -167,7 +181,8 @@ class RoutingEngine:
         return RouteOutcome(
             label=label, confidence=confidence, fields=fields,
             tokens_in=len(ticket_ids), tokens_out=tokens_out, evaluations=evaluations,
-            prompt_eval_ms=(t1 - t0) * 1000, decode_ms=(t2 - t1) * 1000, truncated=truncated)
+            prompt_eval_ms=(t1 - t0) * 1000, decode_ms=(t2 - t1) * 1000, truncated=truncated,
+            scores=raw_scores)
 
     def _generate_line(self, logits: np.ndarray, max_tokens: int,
                        evaluate: Callable[[list[int]], np.ndarray]) -> tuple[str, int]:

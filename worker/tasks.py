@@ -91,6 +91,8 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     metrics.MODEL_LOAD_SECONDS.labels("acquire").observe(model.seconds)
     log.info("model_acquired", model=model.name, sha256=model.sha256, base=str(model.base),
              adapter=str(model.adapter) if model.adapter else None, decoder=model.decoder,
+             temperature=model.temperature,
+             threshold=taxonomy.threshold_for(model.threshold),
              downloaded=model.downloaded, seconds=round(model.seconds, 3),
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
     _PARENT = ParentState(settings, taxonomy, model, threads)
@@ -126,7 +128,8 @@ def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
     """
     from worker.engine import LabelHead, RoutingEngine
 
-    head = LabelHead.load(spec.head) if spec.head and spec.decoder == "head" else None
+    head = (LabelHead.load(spec.head, spec.temperature)
+            if spec.head and spec.decoder == "head" else None)
     return RoutingEngine(spec.base, taxonomy, n_threads=threads,
                          max_ticket_tokens=spec.max_ticket_tokens or settings.max_ticket_tokens,
                          n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
@@ -261,7 +264,8 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
     """Run the engine on a validated ticket and build its ``RoutedResult``."""
     outcome = state.engine.route(event.text, event.subject)
     taxonomy = state.parent.taxonomy
-    route, fallback = taxonomy.route_for(outcome.label, outcome.confidence)
+    route, fallback = taxonomy.route_for(outcome.label, outcome.confidence,
+                                         model_threshold=state.parent.model.threshold)
     queue_wait_ms = None
     if event.enqueued_at is not None:
         enqueued = event.enqueued_at if event.enqueued_at.tzinfo else event.enqueued_at.replace(

@@ -12,9 +12,11 @@ Two failure modes of the stock transport lose tickets or stop the fleet:
 * **Bookkeeping refused.** kombu pops a message (``BRPOP``, which Redis allows at
   ``maxmemory``) and only then records it in ``unacked`` (``ZADD``/``HSET``, which Redis
   refuses there). The stock transport raised and the popped ticket existed only in the
-  worker's memory. Here the record is retried with backoff for up to ``APPEND_RETRY_S``
-  (below the liveness probe's staleness), so a ticket survives a write outage of that length;
-  a longer one is logged with the message (``ticket_lost_unrecorded``) and re-raised.
+  worker's memory. Here the message is still delivered, kept in memory, and recorded by a retry
+  on every restore sweep (``unacked_restore_interval``) until Redis accepts it; if it is
+  requeued before that, the requeue itself is retried the same way. It is lost only if the
+  worker dies before Redis accepts writes again. The retry never blocks the event loop (a
+  blocking retry starved the pool's result pipe and the worker died of a torn message).
 * **Requeue refused.** ``Reject(requeue=True)`` restores the message with a MULTI/EXEC on Redis;
   when Redis refuses writes (``maxmemory`` under ``noeviction``) or is gone, the stock ``reject``
   raised out of the consumer. Here the message then stays in kombu's ``unacked`` hash, where
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from typing import Any
 
@@ -112,32 +113,41 @@ def decode_item(item: bytes | str, queue: str) -> dict[str, Any]:
     return malformed_envelope(item, problem, queue)
 
 
-#: How long the consumer retries recording a popped message in ``unacked`` (seconds).
-APPEND_RETRY_S = 45.0
-
-
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS whose ``append`` retries while Redis refuses writes and whose
-    ``reject(requeue=True)`` leaves the message in ``unacked`` when Redis refuses the requeue,
-    instead of raising out of the consumer."""
+    """kombu's Redis QoS that survives Redis refusing writes (see the module's doc): a message
+    whose ``unacked`` record was refused is delivered and recorded later; a refused requeue
+    leaves a recorded message in ``unacked`` (for the visibility timeout) and an unrecorded one
+    in memory (retried every sweep)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        #: delivered, but Redis refused the ``unacked`` record (tag -> kombu Message)
+        self.unrecorded: dict[str, Any] = {}
+        #: rejected with requeue before it was ever recorded (tag -> kombu Message)
+        self.to_requeue: dict[str, Any] = {}
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        delay_s, deadline = 0.1, time.monotonic() + APPEND_RETRY_S
-        while True:
-            try:
-                super().append(message, delivery_tag)
-                return
-            except Exception as exc:
-                if time.monotonic() >= deadline or not is_transient(exc):
-                    log.error("ticket_lost_unrecorded", delivery_tag=delivery_tag,
-                              error=str(exc)[:300], message=str(message._raw)[:2048])
-                    raise
-                log.warning("unacked_record_refused_retrying", delivery_tag=delivery_tag,
-                            error=str(exc)[:300], retry_in_s=delay_s)
-                time.sleep(delay_s)
-                delay_s = min(2.0, delay_s * 2)
+        try:
+            super().append(message, delivery_tag)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            kombu_redis.virtual.QoS.append(self, message, delivery_tag)  # local bookkeeping
+            self.unrecorded[delivery_tag] = message
+            log.warning("unacked_record_refused_kept_in_memory", delivery_tag=delivery_tag,
+                        error=str(exc)[:300], pending=len(self.unrecorded))
+
+    def ack(self, delivery_tag: str) -> None:
+        self.unrecorded.pop(delivery_tag, None)
+        super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        message = self.unrecorded.pop(delivery_tag, None)
+        if requeue and message is not None:
+            self.to_requeue[delivery_tag] = message
+            kombu_redis.virtual.QoS.ack(self, delivery_tag)  # local only; Redis never had it
+            self.flush_pending()
+            return
         if not requeue:
             super().reject(delivery_tag, requeue=False)
             return
@@ -146,10 +156,45 @@ class QoS(kombu_redis.QoS):
         except Exception as exc:  # noqa: BLE001 - any Redis refusal: keep it for redelivery
             log.warning("requeue_refused_kept_unacked", delivery_tag=delivery_tag,
                         error=str(exc)[:300], error_type=type(exc).__name__)
-            # Forget it locally (frees the prefetch slot); Redis keeps it in ``unacked``.
-            kombu_redis.virtual.QoS.ack(self, delivery_tag)
-            return
+        # Forget it locally (frees the prefetch slot); if the restore failed, Redis keeps it
+        # in ``unacked`` and the visibility timeout brings it back.
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def flush_pending(self) -> None:
+        """Record unrecorded deliveries and push pending requeues; stops at the first refusal
+        (Redis still refuses writes) and is tried again at the next sweep. Never raises."""
+        for tag, message in list(self.unrecorded.items()):
+            try:
+                kombu_redis.QoS.append(self, message, tag)
+            except Exception:  # noqa: BLE001 - still refused: next sweep
+                return
+            self.unrecorded.pop(tag, None)
+            log.info("unacked_record_written_late", delivery_tag=tag)
+        for tag, message in list(self.to_requeue.items()):
+            info = message.delivery_info
+            try:
+                with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                    self.channel._do_restore_message(message._raw, info["exchange"],
+                                                     info["routing_key"], pipe, True)
+                    pipe.execute()
+            except Exception:  # noqa: BLE001 - still refused: next sweep
+                return
+            self.to_requeue.pop(tag, None)
+            log.info("requeued_late", delivery_tag=tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        self.flush_pending()
+        return super().restore_visible(*args, **kwargs)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        for tag in list(self.unrecorded):
+            self.to_requeue[tag] = self.unrecorded.pop(tag)
+            self._delivered.pop(tag, None)  # type: ignore[attr-defined]
+        self.flush_pending()
+        if self.to_requeue:
+            log.error("tickets_lost_at_shutdown", count=len(self.to_requeue),
+                      messages=[str(m._raw)[:512] for m in self.to_requeue.values()])
+        super().restore_unacked(client)
 
 
 class Channel(kombu_redis.Channel):
