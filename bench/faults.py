@@ -213,7 +213,8 @@ def redis_restart(stack: Stack, n: int, appendonly: bool) -> Row:
                           "AOF replays the queue, unacked hash and streams; at most ~1 s of "
                           "writes can go")
         return settle("Redis SIGKILL + restart, no persistence (dev stack)", client, ids,
-                      repaired, "the queue lived only in Redis' memory: run Redis with AOF")
+                      repaired, "the queue, and the results already published, lived only in "
+                      "Redis' memory: run Redis with AOF")
     finally:
         worker.stop()
         server.stop()
