@@ -80,6 +80,8 @@ class Producer:
         self.celery.conf.update(broker_use_ssl=self.settings.broker_use_ssl(),
                                 task_serializer="json", accept_content=["json"],
                                 task_default_queue=keys.ROUTE_QUEUE,
+                                # a task-sent event per ticket: Flower shows queued tickets
+                                task_send_sent_event=True,
                                 broker_connection_timeout=self.settings.redis_timeout_s,
                                 broker_connection_max_retries=1)
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from models import keys
 from producer import Producer
 from tests.test_producer import producer, r  # noqa: F401  (fixtures: a database no worker reads)
+from thinfleet import devstack
 from worker import probes
 
 
@@ -41,6 +42,37 @@ def test_readiness_waits_for_a_warm_child_and_liveness_for_heartbeats() -> None:
     assert call(app, probes.READINESS_PATH)[0].startswith("503")
     state.beat()
     assert call(app, probes.LIVENESS_PATH)[0].startswith("200")
+
+
+def test_liveness_fails_when_tickets_wait_and_the_parent_takes_none() -> None:
+    """Issue 11, hole 11: a parent that still beats but consumes nothing must be restarted."""
+    depth = {"n": 0}
+    state = probes.Probes(liveness_stale_s=60, ready_children=lambda: 1.0, stall_s=120,
+                          queue_depth=lambda: depth["n"])
+    app = probes.make_app(CollectorRegistry(), state)
+    state._last_received -= 300  # idle for 5 minutes with an empty queue: fine
+    assert call(app, probes.LIVENESS_PATH)[0].startswith("200")
+    depth["n"] = 7  # tickets wait, none taken: stalled
+    status, body = call(app, probes.LIVENESS_PATH)
+    assert status.startswith("503") and b"7 tickets waiting" in body
+    state.received()
+    assert call(app, probes.LIVENESS_PATH)[0].startswith("200")
+    state._last_received -= 300
+    depth["n"] = None  # type: ignore[assignment]  # Redis did not answer: not this worker's fault
+    assert call(app, probes.LIVENESS_PATH)[0].startswith("200")
+
+
+def test_the_probe_server_binds_the_configured_address() -> None:
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings().metrics_host == "0.0.0.0"  # Kubernetes probes the pod IP
+    port = devstack.free_port()
+    server = probes.serve(port, probes.make_app(CollectorRegistry(), probes.Probes(
+        60, lambda: 1.0)), "127.0.0.1")
+    try:
+        assert server.server_address == ("127.0.0.1", port)
+    finally:
+        server.shutdown()
 
 
 def test_queue_gauges_read_a_real_celery_message(producer: Producer,  # noqa: F811

@@ -83,7 +83,13 @@ app.conf.update(
 tasks.register(app, settings)
 
 #: Liveness and readiness of this worker parent (``/healthz``, ``/readyz``; see worker.probes).
-PROBES = probes.Probes(settings.liveness_stale_s, ready_children=lambda: 0.0)
+PROBES = probes.Probes(settings.liveness_stale_s, ready_children=lambda: 0.0,
+                      stall_s=settings.stall_s)
+
+
+@signals.task_received.connect
+def _received(**_: Any) -> None:
+    PROBES.received()
 
 
 @signals.heartbeat_sent.connect
@@ -93,7 +99,6 @@ def _heartbeat(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _parent_boot(sender: Any = None, **_: Any) -> None:
-    metrics.preinitialise()
     concurrency = int(getattr(sender, "concurrency", None) or settings.concurrency)
     try:
         tasks.init_parent(settings, concurrency)
@@ -102,14 +107,16 @@ def _parent_boot(sender: Any = None, **_: Any) -> None:
         raise SystemExit(f"thinfleet worker refused to start: {exc}") from exc
     if settings.metrics_port:
         registry = metrics.multiprocess_registry()
-        registry.register(probes.QueueCollector(
-            settings.redis_client(socket_timeout=2, socket_connect_timeout=2)))
+        probe_redis = settings.redis_client(socket_timeout=2, socket_connect_timeout=2)
+        registry.register(probes.QueueCollector(probe_redis))
+        PROBES.queue_depth = lambda: probes.queue_depth(probe_redis)
         ready_registry = metrics.multiprocess_registry()
         PROBES.ready_children = lambda: probes.ready_children(ready_registry)
         try:
-            probes.serve(settings.metrics_port, probes.make_app(registry, PROBES))
-            log.info("http_serving", port=settings.metrics_port, dir=str(METRICS_DIR),
-                     paths=list(probes.PROBE_PATHS))
+            probes.serve(settings.metrics_port, probes.make_app(registry, PROBES),
+                         settings.metrics_host)
+            log.info("http_serving", host=settings.metrics_host, port=settings.metrics_port,
+                     dir=str(METRICS_DIR), paths=list(probes.PROBE_PATHS))
         except OSError as exc:
             log.warning("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
 

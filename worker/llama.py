@@ -208,8 +208,8 @@ class LlamaRuntime:
         the last alone with them on. The result equals one decode in embeddings mode up to
         float rounding (llama.cpp's CPU kernels differ by batch size: a 1-row matmul is not
         bit-identical to a row of a larger one): the same label on every ticket of the shipped
-        router's validation split and confidences within 0.01 (``bench.embeddings_tax``), at
-        about half the cost.
+        router's validation split and confidences within 0.016 (``bench.embeddings_tax``), at
+        about two thirds of the cost.
         Needs ``embeddings=True``; raises ``RuntimeError`` as ``decode`` does.
         """
         if not self.embeddings:

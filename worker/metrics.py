@@ -38,6 +38,12 @@ MODEL_LOAD_SECONDS = Histogram(
     "thinfleet_model_load_seconds",
     "Model acquisition (parent, label 'acquire') and mapping plus prefix warm-up (child, 'load').",
     ["phase"], buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 120.0))
+#: The histogram is observed once per boot, before the first scrape, so ``rate()`` over it is
+#: always 0 and the dashboard showed NaN; the gauge holds the last value for the panel.
+MODEL_LOAD_LAST_SECONDS = Gauge(
+    "thinfleet_model_load_last_seconds",
+    "The last model acquisition (parent, 'acquire') or child load ('load') of this host, in s.",
+    ["phase"], multiprocess_mode="livemax")
 TICKETS = Counter(
     "thinfleet_tickets_total", "Tickets settled, by route and status.", ["route", "status"])
 DEAD_LETTERS = Counter(
@@ -53,13 +59,18 @@ READY = Gauge("thinfleet_worker_ready", "1 while this child has a model loaded a
               multiprocess_mode="livesum")
 
 
-def preinitialise() -> None:
+def preinitialise(routes: list[str], fallback_route: str) -> None:
     """Create every known label set at 0, so that ``increase()`` and ``rate()`` see the first
-    event (a counter born at 1 on first use has no earlier sample to compare with)."""
+    event (a counter born at 1 on first use has no earlier sample to compare with, so the
+    dead-letter alert missed the first dead letter of each kind on each pod)."""
     from models.errors import Failure
 
     for failure in Failure:
         DEAD_LETTERS.labels(failure.value)
+    for route in routes:
+        TICKETS.labels(route=route, status="routed")
+    TICKETS.labels(route=fallback_route, status="fallback")
+    TICKETS.labels(route="", status="dead_letter")
     TOKENS.labels("in")
     TOKENS.labels("out")
 

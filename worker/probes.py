@@ -8,8 +8,10 @@ One small WSGI server in the worker *parent* (children do not serve), on ``metri
   child has mapped the model and warmed its prefix cache (``thinfleet_worker_ready`` summed over
   the children) *and* the parent is live; 503 before that, e.g. while the model downloads;
 - ``GET /healthz`` (liveness probe): 200 while the Celery consumer's event loop runs, which it
-  proves by sending a worker heartbeat every 2 s (Celery's ``heartbeat_sent`` signal); 503 when
-  no heartbeat came for ``liveness_stale_s``: a wedged parent is then restarted.
+  proves by sending a worker heartbeat every 2 s (Celery's ``heartbeat_sent`` signal), *and*
+  makes progress: 503 when no heartbeat came for ``liveness_stale_s``, or when tickets wait in
+  the queue and the parent received none for ``stall_s`` (a parent that beats but consumes
+  nothing, seen after Redis refused writes): either way it is restarted.
 
 The paths are constants here because the Helm chart, the Dockerfile and the tests name them.
 """
@@ -48,20 +50,38 @@ class Probes:
     (Celery sends one every 2 s). ``ready_children`` returns how many children are warm.
     """
 
-    def __init__(self, liveness_stale_s: float, ready_children: Callable[[], float]):
+    def __init__(self, liveness_stale_s: float, ready_children: Callable[[], float],
+                 stall_s: float = float("inf"),
+                 queue_depth: Callable[[], int | None] = lambda: None):
         self.liveness_stale_s = liveness_stale_s
         self.ready_children = ready_children
+        self.stall_s = stall_s
+        self.queue_depth = queue_depth
         self._last_beat = time.monotonic()  # boot counts as a beat: the startup probe gates it
+        self._last_received = time.monotonic()
 
     def beat(self) -> None:
         """Record a heartbeat of the consumer loop (connected to Celery's ``heartbeat_sent``)."""
         self._last_beat = time.monotonic()
 
+    def received(self) -> None:
+        """Record that the parent took a ticket off the queue (Celery's ``task_received``)."""
+        self._last_received = time.monotonic()
+
     def live(self) -> tuple[bool, str]:
-        """(ok, reason): the consumer loop sent a heartbeat within ``liveness_stale_s``."""
-        age_s = time.monotonic() - self._last_beat
+        """(ok, reason): a heartbeat within ``liveness_stale_s``, and no stall: tickets waiting
+        while none was received for ``stall_s`` (the queue depth is read only then; a Redis
+        that cannot answer is not this worker's fault, and ``None`` skips the check)."""
+        now = time.monotonic()
+        age_s = now - self._last_beat
         if age_s > self.liveness_stale_s:
             return False, f"no worker heartbeat for {age_s:.0f} s"
+        idle_s = now - self._last_received
+        if idle_s > self.stall_s:
+            waiting = self.queue_depth()
+            if waiting:
+                return False, (f"{waiting} tickets waiting but none received for "
+                               f"{idle_s:.0f} s")
         return True, f"last heartbeat {age_s:.1f} s ago"
 
     def ready(self) -> tuple[bool, str]:
@@ -79,6 +99,14 @@ def ready_children(registry: CollectorRegistry) -> float:
     """Sum of ``thinfleet_worker_ready`` over the processes that ``registry`` collects."""
     return sum(sample.value for family in registry.collect() if family.name == READY_METRIC
                for sample in family.samples)
+
+
+def queue_depth(client: redis.Redis, queue: str = keys.ROUTE_QUEUE) -> int | None:
+    """``LLEN`` of the queue, or ``None`` when Redis does not answer."""
+    try:
+        return int(client.llen(queue))
+    except (redis.RedisError, OSError):
+        return None
 
 
 def oldest_age_s(raw: bytes | None, now: datetime | None = None) -> float | None:

@@ -82,6 +82,14 @@ class WorkerSettings(RedisConnection):
         default=9808, description="metrics and probes (/metrics, /healthz, /readyz); 0: off")
     liveness_stale_s: float = Field(
         default=60.0, gt=0, description="/healthz fails after this long without a heartbeat")
+    stall_after_s: float | None = Field(
+        default=None, gt=0, description="/healthz fails when tickets wait and none was "
+        "received for this long (default: 2 x task_time_limit_s, since busy children take "
+        "none for up to one time limit)")
+    metrics_host: str = Field(
+        default="0.0.0.0", description="address of the metrics and probe server: all "
+        "interfaces by default, since Kubernetes probes and Prometheus scrape the pod IP; "
+        "127.0.0.1 keeps it local to the host")
     metrics_dir: Path = Path("/tmp/thinfleet-metrics")
     log_level: str = "INFO"
     log_json: bool = True
@@ -99,3 +107,8 @@ class WorkerSettings(RedisConnection):
                 f"retry_backoff_max_s + 2 * task_time_limit_s = {held_s:g} s, the longest a "
                 "live worker holds a ticket; shorter would redeliver tickets still in work")
         return self
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds with waiting tickets and none received before ``/healthz`` fails."""
+        return self.stall_after_s or 2 * self.task_time_limit_s

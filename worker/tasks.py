@@ -12,7 +12,8 @@ Every path out of ``handle_ticket`` ends in exactly one of:
 1. a result published on the results stream (or found there already: a redelivery);
 2. a dead-letter entry written, with the ``Failure`` that ``models.errors.failure_of`` decided
    (invalid ticket, malformed message and permanent errors at once; transient ones after
-   ``max_attempts``);
+   ``max_attempts``), then ``Reject(requeue=False)``, so that Celery and Flower report the
+   task as failed rather than successful;
 3. the message left for redelivery: a retry published with backoff (Celery's ``retry``), or,
    when Redis refuses even that, ``Reject(requeue=True)``; if Redis cannot take the requeue
    either, the message stays in kombu's ``unacked`` hash and comes back after
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from celery import Celery, Task
@@ -87,8 +88,10 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     log.info("thread_plan", cpus=threads.cpus, concurrency=threads.concurrency,
              threads_per_child=threads.threads, source=threads.source)
     taxonomy = load_taxonomy(settings.taxonomy)
+    metrics.preinitialise(sorted(set(taxonomy.routes.values())), taxonomy.fallback_route)
     model = resolve_from_settings(settings, taxonomy.sha256)
     metrics.MODEL_LOAD_SECONDS.labels("acquire").observe(model.seconds)
+    metrics.MODEL_LOAD_LAST_SECONDS.labels("acquire").set(model.seconds)
     log.info("model_acquired", model=model.name, sha256=model.sha256, base=str(model.base),
              adapter=str(model.adapter) if model.adapter else None, decoder=model.decoder,
              temperature=model.temperature,
@@ -113,6 +116,7 @@ def init_child() -> ChildState:
                         ModelRef(name=parent.model.name, sha256=parent.model.sha256),
                         settings.hostname or socket.gethostname())
     metrics.MODEL_LOAD_SECONDS.labels("load").observe(engine.load_ms / 1000)
+    metrics.MODEL_LOAD_LAST_SECONDS.labels("load").set(engine.load_ms / 1000)
     metrics.READY.set(1)
     log.info("child_ready", prefix_tokens=engine.prefix_len, load_ms=round(engine.load_ms, 1),
              threads=parent.threads.threads, trie_branch_points=engine.trie.branch_points())
@@ -199,11 +203,12 @@ def leave_for_redelivery(state: ChildState, exc: BaseException) -> Reject:
 
 
 def settle_failure(task: Task, state: ChildState, payload: Any, exc: BaseException,
-                   attempt: int) -> None:
+                   attempt: int) -> NoReturn:
     """Act on ``failure_of(exc)``: dead-letter, or retry with backoff (see the module's doc).
 
     Raises Celery's ``Retry`` after scheduling another attempt, ``Reject(requeue=True)`` when
-    Redis refused the retry or the dead-letter entry; returns after dead-lettering.
+    Redis refused the retry or the dead-letter entry, and ``Reject(requeue=False)`` after
+    dead-lettering (Celery then reports the task as failed, and removes the message).
     """
     settings = state.parent.settings
     node = task.request.hostname
@@ -213,7 +218,10 @@ def settle_failure(task: Task, state: ChildState, payload: Any, exc: BaseExcepti
             dead_letter(state, payload, task.request.id, exc, attempt, failure, node)
         except Exception as refused:
             raise leave_for_redelivery(state, refused) from refused
-        return
+        # Settled: the entry is written. Reject without requeue so that Celery reports the
+        # task as failed (Flower's FAILURE, a task-failed event) instead of a SUCCESS with
+        # result None; the message is removed exactly as an ack would remove it.
+        raise Reject(f"dead-lettered ({failure.value}): {exc}"[:500], requeue=False)
     countdown = get_exponential_backoff_interval(
         factor=int(max(1, settings.retry_backoff_s)), retries=attempt - 1,
         maximum=int(settings.retry_backoff_max_s), full_jitter=False)
@@ -287,8 +295,9 @@ def handle_ticket(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
                   ) -> dict[str, Any] | None:
     """Route one ticket end to end; returns a small summary (Celery ignores it).
 
-    Raises ``Retry`` (a retry was published), ``Reject(requeue=True)`` (left for redelivery);
-    every other outcome is a published result or a dead-letter entry (the module's doc).
+    Raises ``Retry`` (a retry was published), ``Reject(requeue=True)`` (left for redelivery),
+    ``Reject(requeue=False)`` (dead-lettered; Celery reports it failed); returns after
+    publishing a result (the module's doc).
     """
     started = time.perf_counter()
     state = child_state()
@@ -318,10 +327,10 @@ def handle_ticket(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
         raise
     except AttemptsExhausted as exc:
         settle_failure(task, state, raw, exc, attempt - 1)
-        return None
-    except Exception as exc:  # noqa: BLE001 - every failure goes through settle_failure
+        raise  # not reached: settle_failure always raises here
+    except Exception as exc:  # every failure goes through settle_failure
         settle_failure(task, state, raw, exc, attempt)
-        return None
+        raise  # not reached: settle_failure always raises
     try:
         state.publisher.clear_attempts(task_id)
     except Exception as exc:  # noqa: BLE001 - the result is out; a stale counter expires
