@@ -162,8 +162,11 @@ def _summarise(results: dict[str, dict], dead: dict[str, dict], expected: dict[s
               f"{route_ok / n:.1%} (gold intents of the sample)")
         dist = Counter(r["route"] for r in results.values())
         print("routes    " + ", ".join(f"{k} {v}" for k, v in dist.most_common()))
-        low = sum(r["status"] == "fallback" for r in results.values())
-        print(f"fallback  {low} below the confidence threshold went to the fallback route")
+        auto = [t for t, r in results.items() if r["status"] == "routed"]
+        auto_ok = sum(results[t]["route"] == routes[gold[expected[t]]] for t in auto)
+        print(f"auto      {len(auto)}/{n} = {len(auto) / n:.1%} auto-routed at "
+              f"{auto_ok / max(1, len(auto)):.1%} route precision; {n - len(auto)} below the "
+              "model's threshold went to the fallback route (counted as misses above)")
     for pid, mem in memory.items():
         print(f"child {pid}: RSS {mem.get('rss_kib', 0) / 1024:.0f} MiB, PSS "
               f"{mem.get('pss_kib', 0) / 1024:.0f} MiB, peak RSS "
