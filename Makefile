@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/bootstrap-debian.sh
 	scripts/bootstrap-debian.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel

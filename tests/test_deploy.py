@@ -366,5 +366,6 @@ def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
                   "dead letter", "model load", "per-worker"):
         assert topic in titles, topic
     alert_names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
-    assert alert_names == {"ThinfleetDeadLetterRateHigh", "ThinfleetQueueBacklogOld",
+    assert alert_names == {"ThinfleetDeadLetterRateHigh", "ThinfleetDeadLetterFleetFailure",
+                           "ThinfleetQueueBacklogOld",
                            "ThinfleetNoWorkersReady"}
