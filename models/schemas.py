@@ -100,6 +100,8 @@ class RoutedResult(BaseModel):
     probability of that label, normalised over the label set. ``route`` is the label's route, or
     the taxonomy's ``fallback_route`` when confidence is below its threshold (``status``
     ``"fallback"``). ``fields`` holds the taxonomy's extraction fields, if it asks for any.
+    ``flags`` lists why a ticket was held back regardless of confidence, e.g.
+    ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``.
     """
 
     ticket_id: str
@@ -108,6 +110,7 @@ class RoutedResult(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
     status: Literal["routed", "fallback"]
     fields: dict[str, str] = Field(default_factory=dict)
+    flags: list[str] = Field(default_factory=list)
     taxonomy: str
     model: ModelRef
     timings: Timings

@@ -9,6 +9,7 @@
     thinfleet route    TEXT --wait                enqueue and wait for the routed result
     thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
     thinfleet calibrate --manifest M --precision P  fit temperature and threshold into M
+    thinfleet injection --manifest M              prompt injection per style, with the guard
     thinfleet demo                                the whole fleet on real Banking77 tickets
 
 Exit codes: 0 ok, 1 the system failed (unreachable Redis, worker boot refused), 2 bad input.
@@ -232,6 +233,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_injection(args: argparse.Namespace) -> int:
+    from models import load_taxonomy
+    from thinfleet.devstack import stage_model_dir
+    from training.injection import evaluate_injection
+    from worker.acquire import resolve_model
+    from worker.cpus import plan_threads
+    from worker.guard import InjectionGuard
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    settings = WorkerSettings()
+    taxonomy = load_taxonomy(args.taxonomy)
+    spec = resolve_model(model_uri="", model_sha256=settings.model_sha256,
+                         manifest_uri=str(stage_model_dir(Path(args.manifest))),
+                         manifest_sha256=None, taxonomy_sha256=taxonomy.sha256,
+                         cache_dir=settings.model_cache_dir)
+    engine = build_engine(spec, taxonomy, plan_threads(1).threads, settings)
+    guard = None if args.no_guard else InjectionGuard.for_taxonomy(taxonomy)
+    title = f"Prompt injection: {spec.name}" + (" without the guard" if args.no_guard else "")
+    evaluate_injection(engine, taxonomy, taxonomy.threshold_for(spec.threshold), args.tickets,
+                       Path(args.out), guard, title)
+    print((Path(args.out) / "injection.md").read_text())
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from training.merge import export_merged
 
@@ -348,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=float, default=0.98,
                    help="precision target of the out-of-fold selective-routing figures")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("injection", help="measure prompt injection per style of "
+                       "data/injection/corpus.yaml against a router")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--taxonomy", default="banking77")
+    p.add_argument("--tickets", type=int, default=200)
+    p.add_argument("--no-guard", action="store_true", help="measure without worker.guard")
+    p.add_argument("--out", default="var/injection")
+    p.set_defaults(func=cmd_injection)
 
     p = sub.add_parser("calibrate", help="fit a head router's temperature and the threshold "
                        "that meets a precision target; write both into its manifest")

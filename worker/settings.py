@@ -74,6 +74,9 @@ class WorkerSettings(RedisConnection):
     threads_per_child: int = Field(default=0, ge=0, description="0: CPUs available / concurrency")
     n_batch: int = Field(default=256, ge=16)
     n_ubatch: int = Field(default=128, ge=16)
+    injection_guard: bool = Field(
+        default=True, description="send tickets that try to choose their route (label "
+        "identifiers, prompt markers, instructions to the model) to the fallback route, flagged")
     cpu_repack: bool = Field(
         default=True, description="llama.cpp's repacked weights: faster, private copy per child")
 

@@ -51,6 +51,7 @@ from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
 from worker.acquire import ModelSpec, resolve_from_settings
 from worker.cpus import ThreadPlan, plan_threads
+from worker.guard import InjectionGuard
 from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
 
@@ -64,6 +65,7 @@ class ParentState:
     taxonomy: Taxonomy
     model: ModelSpec
     threads: ThreadPlan
+    guard: InjectionGuard | None = None
 
 
 @dataclass
@@ -98,7 +100,8 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
              threshold=taxonomy.threshold_for(model.threshold),
              downloaded=model.downloaded, seconds=round(model.seconds, 3),
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
-    _PARENT = ParentState(settings, taxonomy, model, threads)
+    guard = InjectionGuard.for_taxonomy(taxonomy) if settings.injection_guard else None
+    _PARENT = ParentState(settings, taxonomy, model, threads, guard)
     return _PARENT
 
 
@@ -274,6 +277,11 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
     taxonomy = state.parent.taxonomy
     route, fallback = taxonomy.route_for(outcome.label, outcome.confidence,
                                          model_threshold=state.parent.model.threshold)
+    guard = state.parent.guard
+    flags = guard.signals(event.text, event.subject) if guard is not None else []
+    if flags:  # the ticket tried to choose its route: a human decides (worker.guard)
+        route, fallback = taxonomy.fallback_route, True
+        log.warning("injection_suspected", flags=flags, label=outcome.label)
     queue_wait_ms = None
     if event.enqueued_at is not None:
         enqueued = event.enqueued_at if event.enqueued_at.tzinfo else event.enqueued_at.replace(
@@ -282,7 +290,7 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
     return RoutedResult(
         ticket_id=event.ticket_id, label=outcome.label, route=route,
         confidence=min(1.0, max(0.0, outcome.confidence)),
-        status="fallback" if fallback else "routed", fields=outcome.fields,
+        status="fallback" if fallback else "routed", fields=outcome.fields, flags=flags,
         taxonomy=taxonomy.ref, model=state.model_ref,
         timings=Timings(queue_wait_ms=queue_wait_ms, prompt_eval_ms=outcome.prompt_eval_ms,
                         decode_ms=outcome.decode_ms,
