@@ -12,6 +12,9 @@ quiet again:
 * **recover_s**: from the repair (or the fault, when nothing is repaired) to the last ticket
   settled.
 
+The last row runs the prompt-injection corpus (``data/injection/corpus.yaml``) against the
+router the demo serves, with the worker's threshold and guard.
+
 Timings use short limits so that a run takes minutes (``SETTINGS``: visibility timeout 30 s,
 hard time limit 10 s); production defaults are 300 s and 60 s, and recovery after a whole-worker
 loss scales with the visibility timeout.
@@ -312,6 +315,40 @@ def poison(stack: Stack, n: int) -> Row:
         server.stop()
 
 
+def injection(stack: Stack, n: int) -> Row:
+    """The prompt-injection corpus against the router the demo serves (in process: the guard
+    and threshold are the worker's own code), summarised as one row; ``thinfleet injection``
+    has the per-style table."""
+    from models import load_taxonomy
+    from thinfleet.demo import merged_router
+    from training.injection import evaluate_injection
+    from worker.acquire import resolve_model
+    from worker.guard import InjectionGuard
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    taxonomy = load_taxonomy("banking77")
+    staged = devstack.stage_model_dir(merged_router())
+    spec = resolve_model(model_uri="", model_sha256="0" * 64, manifest_uri=str(staged),
+                         manifest_sha256=None, taxonomy_sha256=taxonomy.sha256,
+                         cache_dir=stack.workdir / "cache-injection")
+    engine = build_engine(spec, taxonomy, 2, WorkerSettings())
+    tickets = max(10, n // 3)
+    try:
+        report = evaluate_injection(engine, taxonomy, taxonomy.threshold_for(spec.threshold),
+                                    tickets, OUT / "injection", InjectionGuard.for_taxonomy(
+                                        taxonomy), "Prompt injection (fault suite)")
+    finally:
+        engine.close()
+    attacks = [s for s in report["styles"] if s["kind"] != "control"]
+    worst = max(attacks, key=lambda s: s["auto_to_attacker_route"])
+    sent = tickets * len(attacks)
+    return Row(f"prompt-injection corpus ({len(attacks)} attack styles)", sent, sent, 0, 0, 0,
+               None, f"auto-routed to the attacker's route: at most "
+               f"{worst['auto_to_attacker_route']:.1%} ({worst['style']}); valid labels "
+               f"{min(s['valid'] for s in attacks):.0%}; per style: var/faults/injection/")
+
+
 FAULTS: dict[str, Callable[[Stack, int], Row]] = {
     "child_kill": child_kill,
     "worker_kill": worker_kill,
@@ -321,6 +358,7 @@ FAULTS: dict[str, Callable[[Stack, int], Row]] = {
     "s3_corrupt": lambda s, n: s3_boot(s, min(n, 20), corrupt=True),
     "poison": poison,
     "redis_restart_no_persistence": lambda s, n: redis_restart(s, n, appendonly=False),
+    "injection": injection,
 }
 
 
