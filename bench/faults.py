@@ -29,13 +29,14 @@ loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,31 +157,35 @@ def settle(fault: str, client: redis.Redis, ids: list[str], repaired_at: float,
 
 # ---- the faults ---------------------------------------------------------------------------
 
-def child_kill(stack: Stack, n: int) -> Row:
-    server = devstack.RedisServer(stack.workdir / "r-child").start()
+@contextlib.contextmanager
+def under_fault(stack: Stack, name: str, n: int, appendonly: bool = False
+                ) -> Iterator[tuple[devstack.RedisServer, redis.Redis, devstack.WorkerProcess,
+                                    list[str]]]:
+    """A redis-server of the fault's own, a worker on it, and a burst of ``n`` tickets
+    enqueued; yields them and stops both afterwards."""
+    server = devstack.RedisServer(stack.workdir / f"r-{name}", appendonly=appendonly).start()
     client = redis.Redis.from_url(server.url)
-    worker = stack.worker(server.url, "childkill")
+    worker = stack.worker(server.url, name)
     try:
-        ids = burst(server.url, "child", n)
-        for step in (1, 2, 3):
-            wait_results(client, step * n // 4)
-            pids = worker.child_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-        repaired = time.monotonic()
-        return settle("kill -9 one child, 3 times", client, ids, repaired,
-                      "Celery replaces the child; its ticket is requeued (reject_on_worker_lost)")
+        yield server, client, worker, burst(server.url, name, n)
     finally:
         worker.stop()
         server.stop()
 
 
+def child_kill(stack: Stack, n: int) -> Row:
+    with under_fault(stack, "childkill", n) as (_, client, worker, ids):
+        for step in (1, 2, 3):
+            wait_results(client, step * n // 4)
+            pids = worker.child_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+        return settle("kill -9 one child, 3 times", client, ids, time.monotonic(),
+                      "Celery replaces the child; its ticket is requeued (reject_on_worker_lost)")
+
+
 def worker_kill(stack: Stack, n: int) -> Row:
-    server = devstack.RedisServer(stack.workdir / "r-worker").start()
-    client = redis.Redis.from_url(server.url)
-    doomed = stack.worker(server.url, "doomed")
-    try:
-        ids = burst(server.url, "whole", n)
+    with under_fault(stack, "doomed", n) as (server, client, doomed, ids):
         wait_results(client, n // 4)
         for pid in [*doomed.child_pids(), doomed.proc.pid]:
             os.kill(pid, signal.SIGKILL)
@@ -194,18 +199,11 @@ def worker_kill(stack: Stack, n: int) -> Row:
                           f"visibility timeout ({VISIBILITY_S} s here, 300 s by default)")
         finally:
             rescuer.stop()
-    finally:
-        doomed.stop()
-        server.stop()
 
 
 def redis_restart(stack: Stack, n: int, appendonly: bool) -> Row:
-    name = "r-aof" if appendonly else "r-mem"
-    server = devstack.RedisServer(stack.workdir / name, appendonly=appendonly).start()
-    client = redis.Redis.from_url(server.url)
-    worker = stack.worker(server.url, "restart")
-    try:
-        ids = burst(server.url, "aof" if appendonly else "mem", n)
+    name = "aof" if appendonly else "mem"
+    with under_fault(stack, name, n, appendonly) as (server, client, _, ids):
         wait_results(client, n // 4)
         server.kill()
         time.sleep(2)
@@ -218,30 +216,20 @@ def redis_restart(stack: Stack, n: int, appendonly: bool) -> Row:
         return settle("Redis SIGKILL + restart, no persistence (dev stack)", client, ids,
                       repaired, "the queue, and the results already published, lived only in "
                       "Redis' memory: run Redis with AOF")
-    finally:
-        worker.stop()
-        server.stop()
 
 
 def redis_oom(stack: Stack, n: int) -> Row:
-    server = devstack.RedisServer(stack.workdir / "r-oom").start()
-    client = redis.Redis.from_url(server.url)
-    worker = stack.worker(server.url, "oom")
-    try:
-        ids = burst(server.url, "oom", n)
+    with under_fault(stack, "oom", n) as (_, client, worker, ids):
         wait_results(client, n // 4)
         client.config_set("maxmemory", 1)  # noeviction: every write refused
         time.sleep(10)
         client.config_set("maxmemory", 0)
-        repaired = time.monotonic()
         row = settle("Redis refusing writes (maxmemory, noeviction) for 10 s", client, ids,
-                     repaired, "refused requeues stay in unacked until the visibility timeout")
+                     time.monotonic(),
+                     "refused requeues stay in unacked until the visibility timeout")
         if worker.proc.poll() is not None:
             row.note += f"; worker exited {worker.proc.returncode}"
         return row
-    finally:
-        worker.stop()
-        server.stop()
 
 
 def s3_boot(stack: Stack, n: int, corrupt: bool) -> Row:

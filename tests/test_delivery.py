@@ -260,3 +260,31 @@ def test_worker_that_loses_redis_for_good_exits_non_zero(
     finally:
         worker.stop()
     assert code != 0, worker.log_text()[-2000:]
+
+
+def test_transport_survives_redis_refusing_the_ack_and_the_requeue(own_redis: str) -> None:
+    """Over maxmemory Redis refuses even an ack's ZREM/HDEL (a MULTI): the stock transport
+    raised out of the consumer and the worker died. Ours finishes it at the next sweep."""
+    from kombu import Connection, Queue
+
+    client = redis.Redis.from_url(own_redis)
+    with Connection(own_redis, transport="worker.transport:Transport") as conn:
+        queue = Queue("t.q", routing_key="t.q")
+        with conn.Producer() as producer:
+            for i in range(2):
+                producer.publish({"n": i}, routing_key="t.q", declare=[queue])
+        channel = conn.default_channel
+        acked, requeued = (channel.basic_get("t.q") for _ in range(2))
+        assert client.hlen(keys.KOMBU_UNACKED) == 2
+        client.config_set("maxmemory", 1)
+        try:
+            acked.ack()  # must not raise
+            requeued.reject(requeue=True)
+            channel.qos.flush_pending()
+            assert client.hlen(keys.KOMBU_UNACKED) == 2  # nothing could change yet
+        finally:
+            client.config_set("maxmemory", 0)
+        channel.qos.flush_pending()
+        assert client.hlen(keys.KOMBU_UNACKED) == 1  # the ack is done; the requeue waits
+        # for the visibility timeout (kept in unacked, recorded), never lost
+        assert client.hexists(keys.KOMBU_UNACKED, requeued.delivery_tag)

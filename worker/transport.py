@@ -17,6 +17,10 @@ Two failure modes of the stock transport lose tickets or stop the fleet:
   requeued before that, the requeue itself is retried the same way. It is lost only if the
   worker dies before Redis accepts writes again. The retry never blocks the event loop (a
   blocking retry starved the pool's result pipe and the worker died of a torn message).
+* **Ack refused.** Over ``maxmemory`` Redis refused even the ack's ``ZREM``/``HDEL`` (sent
+  as a MULTI), and the stock ``ack`` raised out of the consumer: the worker died of an
+  "Unrecoverable error". Here the ack is finished at the next sweep; until then the message
+  stays in ``unacked`` (a redelivery finds the published marker: no second result).
 * **Requeue refused.** ``Reject(requeue=True)`` restores the message with a MULTI/EXEC on Redis;
   when Redis refuses writes (``maxmemory`` under ``noeviction``) or is gone, the stock ``reject``
   raised out of the consumer. Here the message then stays in kombu's ``unacked`` hash, where
@@ -125,6 +129,8 @@ class QoS(kombu_redis.QoS):
         self.unrecorded: dict[str, Any] = {}
         #: rejected with requeue before it was ever recorded (tag -> kombu Message)
         self.to_requeue: dict[str, Any] = {}
+        #: acked (or rejected without requeue) while Redis refused the removal
+        self.to_ack: set[str] = set()
 
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
@@ -139,7 +145,22 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         self.unrecorded.pop(delivery_tag, None)
-        super().ack(delivery_tag)
+        try:
+            super().ack(delivery_tag)
+        except Exception as exc:  # noqa: BLE001 - _defer_ack re-raises non-transient errors
+            self._defer_ack(delivery_tag, exc)
+
+    def _defer_ack(self, delivery_tag: str, exc: Exception) -> None:
+        """Redis refused the ack's ``ZREM``/``HDEL`` (a MULTI over ``maxmemory``): forget the
+        message locally and retry the removal at each sweep. Until then it stays in
+        ``unacked``; if the visibility timeout passes first it is redelivered, and the worker
+        finds its published marker (no second result). Non-transient errors re-raise."""
+        if not is_transient(exc):
+            raise exc
+        self.to_ack.add(delivery_tag)
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+        log.warning("ack_refused_retrying", delivery_tag=delivery_tag, error=str(exc)[:300],
+                    pending=len(self.to_ack))
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self.unrecorded.pop(delivery_tag, None)
@@ -149,7 +170,10 @@ class QoS(kombu_redis.QoS):
             self.flush_pending()
             return
         if not requeue:
-            super().reject(delivery_tag, requeue=False)
+            try:
+                super().reject(delivery_tag, requeue=False)
+            except Exception as exc:  # noqa: BLE001 - _defer_ack re-raises non-transient ones
+                self._defer_ack(delivery_tag, exc)
             return
         try:
             self.restore_by_tag(delivery_tag, leftmost=True)
@@ -161,8 +185,9 @@ class QoS(kombu_redis.QoS):
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def flush_pending(self) -> None:
-        """Record unrecorded deliveries and push pending requeues; stops at the first refusal
-        (Redis still refuses writes) and is tried again at the next sweep. Never raises."""
+        """Record unrecorded deliveries, finish deferred acks and push pending requeues; stops
+        at the first refusal (Redis still refuses writes) and is tried again at the next sweep.
+        Never raises."""
         for tag, message in list(self.unrecorded.items()):
             try:
                 kombu_redis.QoS.append(self, message, tag)
@@ -170,6 +195,12 @@ class QoS(kombu_redis.QoS):
                 return
             self.unrecorded.pop(tag, None)
             log.info("unacked_record_written_late", delivery_tag=tag)
+        for tag in list(self.to_ack):
+            try:
+                self._remove_from_indices(tag).execute()
+            except Exception:  # noqa: BLE001 - still refused: next sweep
+                return
+            self.to_ack.discard(tag)
         for tag, message in list(self.to_requeue.items()):
             info = message.delivery_info
             try:
