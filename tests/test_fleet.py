@@ -138,6 +138,10 @@ def test_metrics_endpoint_serves_routing_histograms(fleet: devstack.WorkerProces
                  "thinfleet_queue_wait_seconds_count", "thinfleet_model_load_seconds_count",
                  "thinfleet_tickets_total", "thinfleet_worker_ready"):
         assert name in text, name
+    # every failure kind exists before its first dead letter, so increase() sees the first one
+    for failure in ("invalid_ticket", "malformed", "permanent", "transient", "exhausted"):
+        assert f'thinfleet_dead_letters_total{{failure="{failure}"}}' in text, failure
+    assert 'thinfleet_model_load_last_seconds{phase="load"}' in text
 
 
 def test_probes_and_queue_gauges_on_the_worker_port(fleet: devstack.WorkerProcess,
