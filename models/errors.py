@@ -69,6 +69,11 @@ class TaxonomyError(ThinfleetError):
     """The taxonomy file is missing or does not validate."""
 
 
+class TrainingInterrupted(ThinfleetError):
+    """Training stopped before its last step (``stop_after_steps``, Ctrl-C, SIGTERM) after
+    saving a checkpoint; running it again with the same recipe and data resumes it."""
+
+
 class Failure(StrEnum):
     """What kind of failure an exception is; written into each dead-letter entry."""
 

@@ -177,7 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = Path(args.base_model) if args.base_model else base_model_file()
     manifest = run_recipe(Path(args.data), load_taxonomy(args.taxonomy), Path(args.out), base,
                           recipe, text_column=args.text_column, label_column=args.label_column,
-                          skip_training=args.skip_training)
+                          skip_training=args.skip_training,
+                          stop_after_steps=args.stop_after_steps)
     print((Path(args.out) / "eval.md").read_text())
     print(f"manifest: {manifest}")
     return 0
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")
     p.add_argument("--skip-training", action="store_true", help="re-export OUT/work only")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="checkpoint and stop after this step; run the same command again to "
+                   "resume (training always resumes from OUT/work/checkpoint.pt)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model beside the TF-IDF similarity baseline")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import TrainingInterrupted
 from models.taxonomy import Taxonomy
 from worker.prompt import PromptStyle, build_prefix, encode_ticket
 
@@ -62,6 +63,8 @@ class Recipe:
     seed: int = 13
     #: the precision target whose threshold ``thinfleet calibrate`` records after export
     precision_target: float = 0.98
+    #: steps between training checkpoints (``out_dir/checkpoint.pt``; a stopped run resumes)
+    checkpoint_every_steps: int = 50
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -122,6 +125,7 @@ class RouterModel:
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.device = device
+        self.last_loss = 0.0
 
     def body(self) -> Any:
         """The transformer body (embeddings, layers, final norm) under the LoRA wrapper."""
@@ -148,6 +152,32 @@ class RouterModel:
         return self.head(self.features(batch_ids))
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Recipe fields that do not change the weights (a checkpoint resumes across them).
+_NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
+
+
+def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int]) -> str:
+    """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``) and the encoded
+    training rows. A checkpoint resumes only a run with the same fingerprint."""
+    import hashlib
+
+    params = {k: v for k, v in asdict(recipe).items() if k not in _NOT_WEIGHTS}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest.update(json.dumps([ids, labels]).encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (temporary file, then rename): a run killed mid-write keeps
+    the previous checkpoint."""
+    import torch
+
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 @dataclass
 class TrainResult:
     """What ``train`` produced: where, how long, and the PyTorch-side validation accuracy."""
@@ -164,7 +194,7 @@ class TrainResult:
 
 def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]],
           out_dir: Path, recipe: Recipe, validation_rows: list[tuple[str, str]] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
     """Train LoRA + head on ``train_rows``; save the PEFT adapter and the head in ``out_dir``.
 
     ``out_dir/adapter-hf/`` holds the PEFT adapter (converted to GGUF by ``training.export``),
@@ -172,8 +202,21 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     and ``labels``). With ``validation_rows``, the PyTorch model's accuracy on them is measured
     at the end of every whole epoch and recorded in ``train.json``: a learning curve for the
     report only; nothing is selected on it (the last step's weights are always the ones saved).
-    Raises ``KeyError`` on labels outside the taxonomy.
+    **Checkpoint and resume.** Every ``recipe.checkpoint_every_steps`` steps, and when the run is
+    interrupted (Ctrl-C, SIGTERM), ``out_dir/checkpoint.pt`` receives the LoRA and head weights,
+    the optimizer's and scheduler's state, the torch RNG state and the step. The data order is a
+    function of the seed, so a new call with the same recipe and data continues at the next
+    batch and ends with the weights an uninterrupted run would have (a test checks it). The
+    checkpoint is removed when the run completes. ``stop_after_steps`` stops after that many
+    steps (tests, or to split a long CPU run into sessions).
+
+    Raises ``KeyError`` on labels outside the taxonomy, ``TrainingInterrupted`` after saving a
+    checkpoint on an interruption, and ``ValueError`` when ``out_dir`` holds a checkpoint of
+    another recipe or data.
     """
+    import signal
+    import threading
+
     import torch
     from tqdm import tqdm
 
@@ -208,27 +251,70 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
     model.peft.train()
-    started, tokens, ema = time.monotonic(), 0, None
+    started, tokens, ema, done, earlier_s = time.monotonic(), 0, None, 0, 0.0
     curve: list[float] = []
-    bar = tqdm(plan, desc="fine-tune", unit="batch", disable=not progress, dynamic_ncols=True)
-    for step, batch in enumerate(bar, start=1):
-        batch_ids = [ids[i] for i in batch]
-        target = torch.tensor([labels[i] for i in batch], device=device)
-        loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target,
-                                                 label_smoothing=recipe.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*lora_params, *model.head.parameters()], 1.0)
-        optimizer.step()
-        scheduler.step()
-        tokens += sum(len(x) for x in batch_ids)
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens / (time.monotonic() - started):.0f}")
-        if validation_rows and step in epoch_ends and step != total_steps:
-            curve.append(torch_accuracy(model, vocab, taxonomy, validation_rows, recipe))
-            bar.write(f"epoch {len(curve)}: validation accuracy {curve[-1]:.4f}")
-            model.peft.train()
-    seconds = time.monotonic() - started
+    checkpoint = out_dir / CHECKPOINT_FILE
+    fingerprint = run_fingerprint(recipe, ids, labels)
+    lora_named = [(n, p) for n, p in model.peft.named_parameters() if p.requires_grad]
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{checkpoint} belongs to another recipe or data: delete it or "
+                             "train into another directory")
+        with torch.no_grad():
+            for name, param in lora_named:
+                param.copy_(state["lora"][name])
+        model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        done, tokens, ema, curve = state["step"], state["tokens"], state["ema"], state["curve"]
+        earlier_s = state["seconds"]
+        print(f"resuming {checkpoint} at step {done + 1} of {total_steps}")
+
+    def snapshot(step: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(checkpoint, {
+            "fingerprint": fingerprint, "step": step, "tokens": tokens, "ema": ema,
+            "curve": curve, "seconds": earlier_s + time.monotonic() - started,
+            "lora": {n: p.detach().cpu() for n, p in lora_named},
+            "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None})
+
+    # Ctrl-C and SIGTERM (a preempted machine, `kill`) finish the step in progress, save a
+    # checkpoint and stop: a half-applied optimizer step is never saved.
+    stop_signal: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop_signal.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM) if main_thread}
+    bar = tqdm(plan[done:], desc="fine-tune", unit="batch", disable=not progress,
+               dynamic_ncols=True, initial=done, total=total_steps)
+    try:
+        for step, batch in enumerate(bar, start=done + 1):
+            train_step(model, optimizer, scheduler, lora_params, ids, labels, batch, recipe,
+                       device)
+            tokens += sum(len(ids[i]) for i in batch)
+            ema = _loss_ema(model, ema)
+            bar.set_postfix(loss=f"{ema:.3f}",
+                            tok_s=f"{tokens / (earlier_s + time.monotonic() - started):.0f}")
+            if validation_rows and step in epoch_ends and step != total_steps:
+                curve.append(torch_accuracy(model, vocab, taxonomy, validation_rows, recipe))
+                bar.write(f"epoch {len(curve)}: validation accuracy {curve[-1]:.4f}")
+                model.peft.train()
+            if step != total_steps and step % recipe.checkpoint_every_steps == 0:
+                snapshot(step)
+            stop = stop_signal or (stop_after_steps is not None and step >= stop_after_steps)
+            if stop and step != total_steps:
+                snapshot(step)
+                raise TrainingInterrupted(f"stopped after step {step} of {total_steps}; "
+                                          f"run again to resume from {checkpoint}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    seconds = earlier_s + time.monotonic() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
     save_base_config(model.config, out_dir / "base-config")
@@ -240,11 +326,35 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     if validation_rows:
         accuracy = torch_accuracy(model, vocab, taxonomy, validation_rows, recipe)
         curve.append(accuracy)
+    checkpoint.unlink(missing_ok=True)
     (out_dir / "train.json").write_text(json.dumps({
         "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
         "torch_validation_accuracy": accuracy, "epoch_validation_accuracy": curve,
         "device": device, "threads": threads}, indent=2))
     return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, curve, device, threads)
+
+
+def train_step(model: RouterModel, optimizer: Any, scheduler: Any, params: list[Any],
+               ids: list[list[int]], labels: list[int], batch: list[int], recipe: Recipe,
+               device: str) -> None:
+    """One optimisation step on the rows ``batch`` (cross-entropy with label smoothing, grad
+    clipping at 1.0); the loss is kept on ``model.last_loss``."""
+    import torch
+
+    batch_ids = [ids[i] for i in batch]
+    target = torch.tensor([labels[i] for i in batch], device=device)
+    loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target,
+                                             label_smoothing=recipe.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([*params, *model.head.parameters()], 1.0)
+    optimizer.step()
+    scheduler.step()
+    model.last_loss = float(loss.item())
+
+
+def _loss_ema(model: RouterModel, ema: float | None) -> float:
+    return model.last_loss if ema is None else 0.95 * ema + 0.05 * model.last_loss
 
 
 def save_base_config(config: Any, path: Path) -> None:

@@ -52,9 +52,11 @@ def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Rec
 
 def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, recipe: Recipe,
                *, text_column: str = "text", label_column: str = "label",
-               skip_training: bool = False) -> Path:
+               skip_training: bool = False, stop_after_steps: int | None = None) -> Path:
     """Run the recipe; returns the manifest's path. ``skip_training`` re-exports and
-    re-evaluates an existing ``out_dir/work``. Raises ``KeyError`` on unknown labels."""
+    re-evaluates an existing ``out_dir/work``. Training resumes from ``out_dir/work``'s
+    checkpoint when there is one; ``stop_after_steps`` stops it there (``TrainingInterrupted``),
+    to split a long CPU run into sessions. Raises ``KeyError`` on unknown labels."""
     from worker.cpus import available_cpus
 
     rows = read_labelled(data, text_column, label_column)
@@ -64,7 +66,8 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
     train_rows, eval_rows = stratified_split(rows, seed=recipe.seed)
     work = out_dir / "work"
     if not skip_training:
-        train(base_gguf, taxonomy, train_rows, work, recipe, validation_rows=eval_rows)
+        train(base_gguf, taxonomy, train_rows, work, recipe, validation_rows=eval_rows,
+              stop_after_steps=stop_after_steps)
     convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
     shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
     report = evaluate_dir(out_dir, base_gguf, taxonomy, recipe, eval_rows, train_rows,
