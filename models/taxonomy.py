@@ -9,7 +9,9 @@ A taxonomy is a YAML file that needs no code (see ``models/taxonomies/*.yaml``):
     labels:
       - {name: Packaging and Shipping, route: logistics, description: ...}
     fields:
-      - {name: product_name, description: ..., max_tokens: 8}
+      - {name: product_name, description: ..., max_tokens: 8, extractive: true}
+    examples:   # optional few-shot examples for the base model's (catalog) prompt
+      - {text: ..., label: ..., fields: {product_name: ..., brief_description: ...}}
 
 ``load_taxonomy`` accepts a path or the name of a built-in taxonomy. ``Taxonomy.sha256`` is a
 digest of the validated content, so a model manifest can pin the exact taxonomy it was trained on.
@@ -29,7 +31,8 @@ from models.errors import TaxonomyError
 
 BUILTIN_DIR = Path(str(files("models").joinpath("taxonomies")))
 #: Keys added after manifests began pinning taxonomy digests, with their defaults.
-_ADDED_KEYS: dict[str, object] = {"override_model_threshold": False, "route_thresholds": {}}
+_ADDED_KEYS: dict[str, object] = {"override_model_threshold": False, "route_thresholds": {},
+                                   "examples": []}
 
 
 class Label(BaseModel):
@@ -43,13 +46,35 @@ class Label(BaseModel):
 
 
 class ExtractionField(BaseModel):
-    """A free-text field the model extracts, bounded to ``max_tokens`` generated tokens."""
+    """A field the model extracts, bounded to ``max_tokens`` generated tokens.
+
+    ``extractive: true`` (e.g. ``product_name``): the value is decoded under a constraint that
+    keeps it a span of the ticket's own words or ``Unknown`` (``worker.spans``); it cannot name
+    anything the ticket does not. Otherwise the value is free text (e.g.
+    ``brief_description``), checked after decoding: one that repeats the prompt instead of the
+    ticket is rejected (``worker.spans.echoes_prompt``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
     description: str
     max_tokens: int = Field(default=12, ge=1, le=64)
+    extractive: bool = False
+
+
+class Example(BaseModel):
+    """A worked ticket for the prompt (few-shot): its text, gold label and field values.
+
+    Shown only in the ``catalog`` prompt (the base model's, which has not learned the job);
+    evaluated once per worker child with the prefix, so they cost nothing per ticket.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=2000)
+    label: str
+    fields: dict[str, str] = Field(default_factory=dict)
 
 
 class Taxonomy(BaseModel):
@@ -71,6 +96,8 @@ class Taxonomy(BaseModel):
     override_model_threshold: bool = False
     #: Per-route thresholds (e.g. ``security: 0.9``); they win for their route.
     route_thresholds: dict[str, float] = Field(default_factory=dict)
+    #: Few-shot examples for the base model's prompt (``catalog`` style only).
+    examples: list[Example] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> Taxonomy:
@@ -81,6 +108,17 @@ class Taxonomy(BaseModel):
         field_names = [f.name for f in self.fields]
         if len(set(field_names)) != len(field_names):
             raise ValueError("extraction field names repeat")
+        extractive = {f.name for f in self.fields if f.extractive}
+        for number, example in enumerate(self.examples, 1):
+            if example.label not in names:
+                raise ValueError(f"example {number}: label {example.label!r} is not a label")
+            if set(example.fields) != set(field_names):
+                raise ValueError(f"example {number}: fields must be exactly {field_names}")
+            for name in extractive:
+                value = example.fields[name]
+                if value != "Unknown" and value.lower() not in example.text.lower():
+                    raise ValueError(f"example {number}: extractive field {name} must be "
+                                     f"a span of the text or Unknown, not {value!r}")
         return self
 
     @property
@@ -100,6 +138,9 @@ class Taxonomy(BaseModel):
         for key, default in _ADDED_KEYS.items():  # keys added later enter only when set, so
             if data.get(key) == default:           # the digests that manifests pin stay valid
                 del data[key]
+        for spec in data["fields"]:
+            if not spec.get("extractive"):
+                spec.pop("extractive", None)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

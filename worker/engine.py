@@ -11,7 +11,10 @@ Per ticket (``route``):
      decoding at all); otherwise by walking the label trie (a model evaluation only at branch
      points, forced tokens appended free);
   3. if the taxonomy asks for extraction fields, generate each, greedily, bounded by its
-     ``max_tokens`` and stopped at a newline or end-of-generation token;
+     ``max_tokens`` and stopped at a newline or end-of-generation token; an *extractive* field
+     under the constraint that keeps it a span of the ticket or ``Unknown``, a free one checked
+     for repeating the prompt (``worker.spans``; a rejected value becomes ``Unknown`` and is
+     listed in ``RouteOutcome.rejected_fields``);
   4. drop the ticket's KV cells (``llama_memory_seq_rm``), leaving the prefix in place.
 
 ``save_state``/``load_state`` are not used: they copy vocab-sized score rows, about 1 MiB per
@@ -30,7 +33,17 @@ import numpy as np
 from models.errors import ModelUnavailable
 from models.taxonomy import Taxonomy
 from worker.llama import LlamaRuntime
-from worker.prompt import PromptStyle, build_prefix, encode_ticket, field_cue
+from worker.prompt import (
+    LABEL_CUE,
+    TICKET_LEAD,
+    UNKNOWN,
+    PromptStyle,
+    build_prefix,
+    encode_ticket,
+    field_cue,
+    fold_ticket_text,
+)
+from worker.spans import SpanDecoder, echoes_prompt
 from worker.trie import LabelTrie
 
 
@@ -91,6 +104,8 @@ class RouteOutcome:
     truncated: bool = False
     #: the label head's raw scores ``[n_labels]`` (for calibration; not published), or None
     scores: np.ndarray | None = None
+    #: generative fields whose value repeated the prompt: replaced by ``Unknown``
+    rejected_fields: list[str] = field(default_factory=list)
 
 
 class RoutingEngine:
@@ -128,6 +143,12 @@ class RoutingEngine:
         self.newline_id = newline[0]
         self.trie = LabelTrie.build(taxonomy.label_names, rt.tokenize, self.newline_id)
         self.field_cues = {f.name: rt.tokenize(field_cue(f.name)) for f in taxonomy.fields}
+        self.unknown_ids = rt.tokenize(" " + UNKNOWN)
+        self.lead_ids = rt.tokenize(TICKET_LEAD.rstrip())
+        self.label_cue_ids = rt.tokenize(LABEL_CUE)
+        #: what the model saw besides the ticket: a free field may not repeat it
+        self.prompt_text = " ".join([prefix_text, LABEL_CUE,
+                                     *(field_cue(f.name) for f in taxonomy.fields)])
         rt.decode(self.prefix_ids, 0)  # the prefix cache: evaluated once, kept in place
         self.prefix_len = len(self.prefix_ids)
         self.load_ms = (time.perf_counter() - started) * 1000
@@ -169,12 +190,27 @@ class RoutingEngine:
                 label, confidence = decision.label, decision.confidence
                 pending, tokens_out = decision.unevaluated, len(decision.tokens)
             fields: dict[str, str] = {}
+            rejected: list[str] = []
+            spans: SpanDecoder | None = None
             for spec in self.taxonomy.fields:
                 logits = evaluate(pending + self.field_cues[spec.name])
-                value, generated = self._generate_line(logits, spec.max_tokens, evaluate)
+                if spec.extractive:
+                    spans = spans or SpanDecoder(self._ticket_body(ticket_ids), rt.piece,
+                                                 self.unknown_ids, self.newline_id)
+                    choice = spans.decode(logits, evaluate, spec.max_tokens)
+                    value = "" if choice.unknown else b"".join(
+                        rt.piece(t) for t in choice.tokens).decode("utf-8", "ignore").strip()
+                    generated, unevaluated = len(choice.tokens), choice.unevaluated
+                else:
+                    value, generated, unevaluated = self._generate_line(
+                        logits, spec.max_tokens, evaluate)
+                    if value and echoes_prompt(value, self.prompt_text,
+                                               fold_ticket_text(text, subject)):
+                        rejected.append(spec.name)
+                        value = ""
                 tokens_out += generated
-                fields[spec.name] = value or "Unknown"
-                pending = [self.newline_id]
+                fields[spec.name] = value or UNKNOWN
+                pending = [*unevaluated, self.newline_id]
             t2 = time.perf_counter()
         finally:
             rt.forget(0, base)
@@ -182,17 +218,28 @@ class RoutingEngine:
             label=label, confidence=confidence, fields=fields,
             tokens_in=len(ticket_ids), tokens_out=tokens_out, evaluations=evaluations,
             prompt_eval_ms=(t1 - t0) * 1000, decode_ms=(t2 - t1) * 1000, truncated=truncated,
-            scores=raw_scores)
+            scores=raw_scores, rejected_fields=rejected)
+
+    def _ticket_body(self, ticket_ids: list[int]) -> list[int]:
+        """The ticket's own tokens: ``ticket_ids`` without the ``Ticket:`` lead and the label
+        cue (what an extractive field may copy)."""
+        end = len(ticket_ids) - len(self.label_cue_ids)
+        start = len(self.lead_ids) if ticket_ids[:len(self.lead_ids)] == self.lead_ids else 0
+        return ticket_ids[start:end]
 
     def _generate_line(self, logits: np.ndarray, max_tokens: int,
-                       evaluate: Callable[[list[int]], np.ndarray]) -> tuple[str, int]:
+                       evaluate: Callable[[list[int]], np.ndarray]
+                       ) -> tuple[str, int, list[int]]:
         """Greedy generation until a newline or end-of-generation token, at most ``max_tokens``.
 
-        Returns ``(text, tokens_generated)``; the stopping token is not kept or evaluated.
+        Returns ``(text, tokens_generated, unevaluated)``; the stopping token is not kept or
+        evaluated; ``unevaluated`` holds the last token when ``max_tokens`` cut the line (the
+        caller feeds it before going on).
         """
         rt = self.runtime
         out = bytearray()
         generated = 0
+        unevaluated: list[int] = []
         for step in range(max_tokens):
             token = int(np.argmax(logits))
             piece = rt.piece(token)
@@ -203,7 +250,9 @@ class RoutingEngine:
             generated += 1
             if step + 1 < max_tokens:
                 logits = evaluate([token])
-        return out.decode("utf-8", errors="ignore").strip(), generated
+            else:
+                unevaluated = [token]
+        return out.decode("utf-8", errors="ignore").strip(), generated, unevaluated
 
     def close(self) -> None:
         """Release the model and context."""

@@ -10,7 +10,11 @@ Layout (plain text; the base model has no chat template)::
     - {label}[: {description}]                 |  taxonomy, evaluated once per worker child
     [Also extract, one per line:               |  and kept in the KV cache (prefix cache)
     - {field}: {description}]                  |
-    <blank line>                              /
+    <blank line>                               |
+    [Ticket: {example}                         |  few-shot examples (catalog style only),
+    Category: {label}                          |  in the answer's own format
+    {field}: {value}                           |
+    <blank line>]                             /
     Ticket: {ticket text, whitespace folded}  \\  ticket part: tokenized on its own, truncated to
     Category:                                 /   max_ticket_tokens, removed from the KV cache after
      {label}\\n                                    answer: label (trie) then each field line
@@ -23,10 +27,10 @@ tokens never depend on the ticket.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
-from models.taxonomy import Taxonomy
+from models.taxonomy import ExtractionField, Taxonomy
 
 #: ``catalog`` lists every label in the prefix (a base model needs to see its choices; the trie
 #: decodes them). ``compact`` keeps only the instructions: a fine-tuned classification head knows
@@ -35,6 +39,8 @@ from models.taxonomy import Taxonomy
 PromptStyle = Literal["catalog", "compact"]
 
 LABEL_CUE = "\nCategory:"
+#: the value of a field the ticket does not give (the article's convention)
+UNKNOWN = "Unknown"
 TICKET_LEAD = "Ticket: "
 
 Tokenize = Callable[[str], list[int]]
@@ -51,7 +57,12 @@ def build_prefix(taxonomy: Taxonomy, style: PromptStyle = "catalog") -> str:
     if taxonomy.fields:
         lines.append("Also extract, one per line:")
         lines.extend(f"- {f.name}: {f.description}" for f in taxonomy.fields)
-    return "\n".join(lines) + "\n\n"
+    text = "\n".join(lines) + "\n\n"
+    for example in taxonomy.examples:
+        text += (TICKET_LEAD + fold_ticket_text(example.text) + LABEL_CUE + f" {example.label}\n"
+                 + "".join(f"{field_cue(f.name)} {example.fields[f.name]}\n"
+                           for f in taxonomy.fields) + "\n")
+    return text
 
 
 def fold_ticket_text(text: str, subject: str | None = None) -> str:
@@ -79,10 +90,22 @@ def field_cue(name: str) -> str:
     return f"{name}:"
 
 
-def answer_text(label: str, fields: dict[str, str] | None = None,
-                field_order: list[str] | None = None) -> str:
-    """The target answer for training: `` {label}\\n`` then ``{field}: {value}\\n`` lines."""
-    out = f" {label}\n"
-    for name in field_order or []:
-        out += f"{field_cue(name)} {' '.join((fields or {}).get(name, 'Unknown').split())}\n"
-    return out
+def answer_ids(tokenize: Tokenize, newline: int, label: str, values: dict[str, str],
+               fields: Sequence[ExtractionField]) -> tuple[list[int], list[bool]]:
+    """The answer the engine builds after the prompt, as token ids, for training: the label's
+    tokens (`` {label}`` and a newline, as the label trie has them), then per field its cue
+    (``{field}:``), the value's tokens (`` {value}``, whitespace folded, at most the field's
+    ``max_tokens``; ``Unknown`` when the value is missing or empty) and a newline.
+
+    Returns ``(ids, is_target)``: ``is_target`` marks each value's tokens and its closing
+    newline, the tokens the model must learn to write.
+    """
+    ids = [*tokenize(" " + label), newline]
+    is_target = [False] * len(ids)
+    for spec in fields:
+        cue = tokenize(field_cue(spec.name))
+        value = " ".join(str(values.get(spec.name) or "").split()) or UNKNOWN
+        tokens = [*tokenize(" " + value)[:spec.max_tokens], newline]
+        ids += cue + tokens
+        is_target += [False] * len(cue) + [True] * len(tokens)
+    return ids, is_target
