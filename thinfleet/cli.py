@@ -170,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.recipe import run_recipe
 
     tuned = {name: getattr(args, name)
-             for name in ("epochs", "lora_lr", "head_lr", "label_smoothing")
+             for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
+                          "validation_fraction", "field_loss_weight")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -188,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from models import load_taxonomy
     from thinfleet.devstack import stage_model_dir
     from training.evaluate import evaluate, markdown_report
-    from training.recipe import read_labelled
+    from training.recipe import read_fields, read_labelled
     from worker.acquire import resolve_model
     from worker.cpus import plan_threads
     from worker.settings import WorkerSettings
@@ -215,7 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                args.train_label_column)
     report = evaluate(engine, spec.name, taxonomy, rows, train_rows, Path(args.data).name,
                       Path(args.out), threshold=taxonomy.threshold_for(spec.threshold),
-                      precision_target=args.precision)
+                      precision_target=args.precision,
+                      gold_fields=read_fields(Path(args.data), [f.name for f in taxonomy.fields]))
     print(markdown_report(report))
     print(f"reports: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
     return 0
@@ -281,8 +283,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from thinfleet.demo import run_demo
 
-    return run_demo(Path(args.sample), workers=args.concurrency, timeout_s=args.timeout_s,
-                    model=args.model)
+    return run_demo(Path(args.sample) if args.sample else None, workers=args.concurrency,
+                    timeout_s=args.timeout_s, model=args.model, job=args.job)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-entropy label smoothing, 0..1 (default: the recipe's)")
     p.add_argument("--max-ticket-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--validation-fraction", type=float,
+                   help="share of rows kept out of training for validation and calibration "
+                        "(default: the recipe's, 0.1)")
+    p.add_argument("--field-loss-weight", type=float,
+                   help="weight of the extraction fields' loss when the data has the "
+                        "taxonomy's field columns (default: the recipe's, 1.0)")
     p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")
     p.add_argument("--skip-training", action="store_true", help="re-export OUT/work only")
     p.add_argument("--stop-after-steps", type=int, default=None,
@@ -416,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("demo", help="run the fleet on the Banking77 sample and summarise")
-    p.add_argument("--sample", default="data/banking77/sample.csv")
+    p.add_argument("--job", choices=["banking77", "ecommerce"], default="banking77",
+                   help="banking77: 603 Banking77 tickets, 77 intents; ecommerce: the reference "
+                        "article's job, 165 held-out tickets with product_name and "
+                        "brief_description")
+    p.add_argument("--sample", help="tickets to route (default: the job's sample)")
     p.add_argument("--concurrency", type=int, default=2, help="worker children")
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.add_argument("--model", choices=["shipped", "adapter", "base"], default="shipped",

@@ -1,9 +1,14 @@
-"""``thinfleet demo``: the whole fleet, end to end, on real Banking77 tickets.
+"""``thinfleet demo``: the whole fleet, end to end, on real tickets.
+
+Two jobs (``--job``): ``banking77`` (the default: 603 real Banking77 tickets, 77 intents, the
+shipped Banking77 router) and ``ecommerce`` (the reference article's job: the 165 held-out
+tickets of ``data/ecommerce/test.jsonl``, three classes plus ``product_name`` and
+``brief_description``, the shipped ``ecommerce`` router; the summary adds field accuracy).
 
 1. Redis: use ``THINFLEET_REDIS_URL`` if it answers, else start a redis-server (installing
    Debian's package if needed).
 2. S3: start moto's S3 server and upload the model: by default the shipped fine-tuned router
-   (``models/trained/banking77-gemma3-270m-lora``: LoRA adapter and label head over the Gemma 3
+   (``models/trained/<job>-gemma3-270m-lora``: LoRA adapter and label head over the Gemma 3
    270M Q4_K_M base from its PyPI package), merged into one Q4_K_M file on first use
    (``thinfleet merge``, the faster export); ``--model adapter`` serves the adapter applied at
    load instead, ``--model base`` the bare base model.
@@ -17,21 +22,42 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import shutil
 import statistics
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from models import keys, load_taxonomy
+from models.taxonomy import Taxonomy
 from thinfleet import devstack
 from worker.acquire import sha256_file
 
 VAR = Path("var/demo")
 SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
+
+
+@dataclass(frozen=True)
+class DemoJob:
+    """What one demo routes: a taxonomy, a sample file and its columns, the shipped router."""
+
+    taxonomy: str
+    sample: Path
+    id_column: str
+    label_column: str
+    manifest: Path
+
+
+JOBS = {
+    "banking77": DemoJob("banking77", Path("data/banking77/sample.csv"), "ticket_id", "category",
+                         SHIPPED_MANIFEST),
+    "ecommerce": DemoJob("ecommerce", Path("data/ecommerce/test.jsonl"), "id",
+                         "issue_classification",
+                         Path("models/trained/ecommerce-gemma3-270m-lora/manifest.json")),
+}
 
 
 @contextlib.contextmanager
@@ -65,10 +91,10 @@ def merged_router(manifest: Path = SHIPPED_MANIFEST) -> Path:
     return export_merged(manifest, out, "Q4_K_M")
 
 
-def _upload_model(endpoint: str, which: str) -> dict[str, str]:
+def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -> dict[str, str]:
     """Upload the demo's model to the local S3; returns the worker's model settings."""
-    if which in ("shipped", "adapter") and SHIPPED_MANIFEST.exists():
-        manifest = merged_router() if which == "shipped" else SHIPPED_MANIFEST
+    if which in ("shipped", "adapter") and shipped.exists():
+        manifest = merged_router(shipped) if which == "shipped" else shipped
         staged = devstack.stage_model_dir(manifest)
         uri = devstack.upload_model_dir(endpoint, staged, "thinfleet-models",
                                         f"routers/{staged.parent.name}")
@@ -82,26 +108,29 @@ def _upload_model(endpoint: str, which: str) -> dict[str, str]:
     return {"THINFLEET_MODEL_URI": uri, "THINFLEET_MODEL_SHA256": sha256_file(model)}
 
 
-def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0,
-             model: str = "shipped") -> int:
-    """Run the demo; returns 0 when every sample ticket reached a stream, 1 otherwise."""
+def run_demo(sample: Path | None = None, workers: int = 2, timeout_s: float = 900.0,
+             model: str = "shipped", job: str = "banking77") -> int:
+    """Run the demo of ``job`` (``JOBS``) on ``sample`` (default: the job's); returns 0 when
+    every sample ticket reached a stream, 1 otherwise."""
     import os
 
     from producer import Producer, ProducerSettings
-    from producer.backfill import ColumnMap, backfill
+    from producer.backfill import ColumnMap, backfill, read_rows
 
-    with sample.open(newline="", encoding="utf-8") as handle:
-        gold = {row["ticket_id"]: row["category"] for row in csv.DictReader(handle)}
+    spec = JOBS[job]
+    sample = sample or spec.sample
+    rows = list(read_rows(sample))
+    gold = {str(row[spec.id_column]): row[spec.label_column] for row in rows}
     run = uuid.uuid4().hex[:8]
     shutil.rmtree(VAR / "cache", ignore_errors=True)
-    taxonomy = load_taxonomy("banking77")
+    taxonomy = load_taxonomy(spec.taxonomy)
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(_redis(VAR / "redis"))
         endpoint = stack.enter_context(devstack.s3_server())
-        env = {**_upload_model(endpoint, model), "THINFLEET_REDIS_URL": redis_url,
+        env = {**_upload_model(endpoint, model, spec.manifest), "THINFLEET_REDIS_URL": redis_url,
                "THINFLEET_S3_ENDPOINT_URL": endpoint,
                "THINFLEET_MODEL_CACHE_DIR": str((VAR / "cache").resolve()),
-               "THINFLEET_TAXONOMY": "banking77", "THINFLEET_METRICS_PORT": "0"}
+               "THINFLEET_TAXONOMY": spec.taxonomy, "THINFLEET_METRICS_PORT": "0"}
         boot = time.monotonic()
         worker = devstack.start_worker(env, VAR / "worker.log", concurrency=workers)
         stack.callback(worker.stop)
@@ -113,7 +142,8 @@ def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0,
         producer = Producer(ProducerSettings(redis_url=redis_url))
         start_ids = producer.stream_tail_ids()
         started = time.monotonic()
-        report = backfill(producer, sample, ColumnMap(metadata=("category",),
+        report = backfill(producer, sample, ColumnMap(ticket_id=spec.id_column,
+                                                      metadata=(spec.label_column,),
                                                       id_prefix=f"demo-{run}-"))
         print(f"enqueued {report.submitted} tickets ({len(report.rejected)} rejected) "
               f"in {report.seconds:.1f} s")
@@ -133,7 +163,38 @@ def run_demo(sample: Path, workers: int = 2, timeout_s: float = 900.0,
         memory = {pid: devstack.memory_of(pid) for pid in worker.child_pids()}
 
     _summarise(results, dead, expected, gold, taxonomy.routes, wall_s, workers, memory)
+    if taxonomy.fields and results:
+        _summarise_fields(results, expected, {str(row[spec.id_column]): row for row in rows},
+                          taxonomy)
     return 0 if len(results) + len(dead) == len(expected) else 1
+
+
+def _summarise_fields(results: dict[str, dict], expected: dict[str, str],
+                      rows: dict[str, dict], taxonomy: Taxonomy) -> None:
+    """Field accuracy of the routed results against the sample's gold fields, beside the
+    trivial baselines (``training.evaluate.field_scores``)."""
+    from training.evaluate import field_scores
+
+    routed = list(results)
+    names = [f.name for f in taxonomy.fields]
+    if not all(name in rows[expected[t]] for t in routed for name in names):
+        return
+    scores = field_scores([rows[expected[t]]["text"] for t in routed],
+                          [{n: rows[expected[t]][n] for n in names} for t in routed],
+                          [results[t].get("fields", {}) for t in routed], taxonomy)
+    for name, figures in scores.items():
+        model, base = figures["model"], figures["baseline"]
+        line = (f"field     {name} ({figures['kind']}): exact match {model['exact_match']:.1%}, "
+                f"token-F1 {model['token_f1']:.1%}")
+        if "rouge_l" in model:
+            line += f", ROUGE-L {model['rouge_l']:.1%}"
+        trivial = "Unknown" if figures["kind"] == "extractive" else "first 8 words"
+        line += (f"  (trivial baseline, {trivial}: exact match {base['exact_match']:.1%}, "
+                 f"token-F1 {base['token_f1']:.1%})")
+        print(line)
+    print("fields of a few results:")
+    for tid in routed[:3]:
+        print(f"  {rows[expected[tid]]['text'][:70]!r} -> {results[tid].get('fields')}")
 
 
 def _summarise(results: dict[str, dict], dead: dict[str, dict], expected: dict[str, str],

@@ -12,6 +12,14 @@ Metrics (scikit-learn where it has them): accuracy, macro-F1, per-label precisio
 threshold in force, the risk–coverage curve's AURC and coverage at 95/98/99 % precision
 (Geifman & El-Yaniv 2017, ``training.calibrate``), and p50/p95 latency per ticket.
 
+When the rows carry gold extraction fields (``gold_fields``), the report also scores each of
+the taxonomy's fields (``field_scores``): exact match and token-F1 after SQuAD's answer
+normalisation (Rajpurkar et al. 2016, arXiv:1606.05250: lower case, no punctuation or
+articles), ROUGE-L F-measure for generative fields (Lin 2004; Google's ``rouge-score``), the
+share of predicted ``Unknown``, and, for extractive fields, the share of values found in the
+ticket's text; beside a trivial baseline per field (``Unknown`` for extractive fields, the
+ticket's first 8 words for generative ones).
+
 For a model with a label head, the report also holds its uncalibrated figures (temperature 1)
 and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature and threshold fitted
 on 4/5 of the rows, measured on the fifth), which are the honest ones when the manifest's
@@ -52,6 +60,10 @@ class Predictions:
     confidences: list[float]
     latencies_ms: list[float]
     scores: list[np.ndarray] = field(default_factory=list)
+    #: extracted fields per row (name -> value), when the taxonomy has fields
+    fields: list[dict[str, str]] = field(default_factory=list)
+    #: per row, the generative fields whose value was rejected for repeating the prompt
+    rejected: list[list[str]] = field(default_factory=list)
 
 
 def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy,
@@ -104,8 +116,81 @@ def predict_engine(engine: Any, texts: list[str], progress: bool = True) -> Pred
         out.latencies_ms.append((time.perf_counter() - started) * 1000)
         out.labels.append(outcome.label)
         out.confidences.append(outcome.confidence)
+        out.fields.append(dict(outcome.fields))
+        out.rejected.append(list(outcome.rejected_fields))
         if outcome.scores is not None:
             out.scores.append(np.asarray(outcome.scores, dtype=np.float64))
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016): lower case, punctuation and the
+    articles a/an/the removed, whitespace folded."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def token_f1(predicted: str, gold: str) -> float:
+    """SQuAD's token-level F1 of two answers after ``normalize_answer``, in [0, 1]."""
+    pred, ref = normalize_answer(predicted).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_words(text: str, n: int = 8) -> str:
+    """The first ``n`` words of a ticket: the trivial summary baseline."""
+    return " ".join(text.split()[:n])
+
+
+def field_scores(texts: list[str], gold: list[dict[str, str]], predicted: list[dict[str, str]],
+                 taxonomy: Taxonomy, rejected: list[list[str]] | None = None
+                 ) -> dict[str, Any]:
+    """Per extraction field of ``taxonomy``: ``{"model": {...}, "baseline": {...}}`` with
+    ``exact_match``, ``token_f1`` (means over rows, SQuAD-normalised), ``rouge_l`` (generative
+    fields), ``unknown_rate`` (share of ``Unknown`` values), ``gold_unknown_rate``, and for the
+    model ``in_ticket_rate`` (extractive: values found in the ticket, ``Unknown`` counted in)
+    and ``rejected_rate`` (generative: values rejected for repeating the prompt). Each
+    ``baseline`` is ``Unknown`` (extractive) or the ticket's first 8 words (generative)."""
+    from rouge_score import rouge_scorer
+
+    from worker.prompt import UNKNOWN
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    out: dict[str, Any] = {}
+    for spec in taxonomy.fields:
+        refs = [row.get(spec.name, UNKNOWN) for row in gold]
+        systems = {"model": [row.get(spec.name, UNKNOWN) for row in predicted],
+                   "baseline": [UNKNOWN if spec.extractive else first_words(t) for t in texts]}
+        out[spec.name] = {"kind": "extractive" if spec.extractive else "generative"}
+        for system, values in systems.items():
+            figures: dict[str, Any] = {
+                "exact_match": float(np.mean([normalize_answer(p) == normalize_answer(g)
+                                              for p, g in zip(values, refs, strict=True)])),
+                "token_f1": float(np.mean([token_f1(p, g) for p, g in zip(values, refs,
+                                                                          strict=True)])),
+                "unknown_rate": float(np.mean([v == UNKNOWN for v in values])),
+            }
+            if not spec.extractive:
+                figures["rouge_l"] = float(np.mean([
+                    rouge.score(g, p)["rougeL"].fmeasure for p, g in zip(values, refs,
+                                                                         strict=True)]))
+            out[spec.name][system] = figures
+        model = out[spec.name]["model"]
+        model["gold_unknown_rate"] = float(np.mean([g == UNKNOWN for g in refs]))
+        if spec.extractive:
+            model["in_ticket_rate"] = float(np.mean([
+                v == UNKNOWN or v.lower() in " ".join(t.split()).lower()
+                for v, t in zip(systems["model"], texts, strict=True)]))
+        elif rejected is not None:
+            model["rejected_rate"] = float(np.mean([spec.name in r for r in rejected]))
     return out
 
 
@@ -227,6 +312,26 @@ def markdown_report(report: dict[str, Any]) -> str:
     for target in ("0.95", "0.98", "0.99"):
         cells = [f"{x['coverage_at_precision'][target]:.1%}" for x in (model, base)]
         lines.append(f"| coverage at {float(target):.0%} precision | {cells[0]} | {cells[1]} |")
+    fields = report.get("fields")
+    if fields:
+        lines += ["", "## Extraction fields", "",
+                  "| field | kind | metric | model | trivial baseline |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, figures in fields.items():
+            baseline = ("`Unknown`" if figures["kind"] == "extractive"
+                        else "first 8 words of the ticket")
+            for title, key in (("exact match", "exact_match"), ("token-F1", "token_f1"),
+                               ("ROUGE-L", "rouge_l"), ("`Unknown`", "unknown_rate")):
+                if key in figures["model"]:
+                    lines.append(f"| {name} | {figures['kind']} | {title} | "
+                                 f"{figures['model'][key]:.1%} | "
+                                 f"{figures['baseline'][key]:.1%} ({baseline}) |")
+            model = figures["model"]
+            extra = (f"values found in the ticket: {model['in_ticket_rate']:.1%}"
+                     if "in_ticket_rate" in model else
+                     f"rejected for repeating the prompt: {model.get('rejected_rate', 0):.1%}")
+            lines.append(f"| {name} | {figures['kind']} | gold `Unknown` / {extra} | "
+                         f"{model['gold_unknown_rate']:.1%} | |")
     calibration = report.get("calibration")
     if calibration:
         raw, oof = calibration["uncalibrated"], calibration["out_of_fold"]
@@ -264,12 +369,14 @@ def markdown_report(report: dict[str, Any]) -> str:
 def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
              eval_rows: list[tuple[str, str]], train_rows: list[tuple[str, str]],
              data_name: str, out_dir: Path | None = None, progress: bool = True,
-             threshold: float | None = None, precision_target: float = 0.98
-             ) -> dict[str, Any]:
+             threshold: float | None = None, precision_target: float = 0.98,
+             gold_fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Score ``engine`` and the TF-IDF baseline on ``eval_rows``; write JSON, Markdown and the
     two plots. ``threshold`` is the auto-route threshold in force (default: the taxonomy's).
+    ``gold_fields`` (one dict per row) adds the extraction fields' scores (``field_scores``).
 
-    Raises ``KeyError`` if a gold label is not in the taxonomy.
+    Raises ``KeyError`` if a gold label is not in the taxonomy, ``ValueError`` when
+    ``gold_fields`` and ``eval_rows`` differ in length.
     """
     unknown = {label for _, label in eval_rows} - set(taxonomy.label_names)
     if unknown:
@@ -284,6 +391,11 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
         "baseline": score(gold, baseline, taxonomy),
         "baseline_name": "tfidf-char-wb-2-5+logreg",
     }
+    if gold_fields is not None and taxonomy.fields:
+        if len(gold_fields) != len(eval_rows):
+            raise ValueError(f"{len(gold_fields)} rows of gold fields for {len(eval_rows)} rows")
+        report["fields"] = field_scores(texts, gold_fields, predictions.fields, taxonomy,
+                                        predictions.rejected)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if predictions.scores:
         calibration = calibration_figures(gold, predictions, taxonomy, precision_target)

@@ -16,6 +16,15 @@ Exactness between training and serving:
 * the LM head over Gemma's 262k vocabulary is never computed (it costs more per token than the
   whole 270M transformer body), only the body's last hidden state.
 
+**Extraction fields** (issue 14). When the taxonomy declares fields and the rows carry gold
+values, the same forward pass also learns to write them: the sequence continues, exactly as the
+engine serves it, with the label's tokens, then ``{field}: {value}\n`` per field
+(``worker.prompt.answer_ids``), and a language-model cross-entropy on each value's tokens and its
+closing newline (nothing else) is added to the head's loss with weight
+``recipe.field_loss_weight``. The 262k-row output layer runs only at those positions. The head
+still reads the hidden state of the last prompt token, which the answer after it cannot change
+(causal attention), so one adapter serves the label and the fields.
+
 Runs on CPU (threads from ``worker.cpus``), or on a CUDA GPU when one is present.
 """
 
@@ -33,9 +42,13 @@ import numpy as np
 
 from models.errors import TrainingInterrupted
 from models.taxonomy import Taxonomy
-from worker.prompt import PromptStyle, build_prefix, encode_ticket
+from worker.prompt import PromptStyle, answer_ids, build_prefix, encode_ticket
 
 HEAD_FILE = "head.npz"
+#: ignored target (torch's ``cross_entropy`` default ``ignore_index``)
+IGNORE = -100
+#: gold extraction values per row (field name -> value), parallel to the ``(text, label)`` rows
+FieldRows = list[dict[str, str]]
 ADAPTER_DIR = "adapter-hf"
 
 
@@ -65,6 +78,11 @@ class Recipe:
     precision_target: float = 0.98
     #: steps between training checkpoints (``out_dir/checkpoint.pt``; a stopped run resumes)
     checkpoint_every_steps: int = 50
+    #: weight of the field-generation loss beside the head's (used only when rows carry fields)
+    field_loss_weight: float = 1.0
+    #: the share of the labelled rows that ``run_recipe`` keeps out of training (validation and
+    #: calibration rows)
+    validation_fraction: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -93,6 +111,20 @@ def encode_rows(vocab: Any, taxonomy: Taxonomy, rows: list[tuple[str, str]], rec
         ids.append(prefix + ticket)
         labels.append(index[label])
     return ids, labels
+
+
+def encode_answers(vocab: Any, taxonomy: Taxonomy, rows: list[tuple[str, str]],
+                   fields: FieldRows) -> list[tuple[list[int], list[int]]]:
+    """Per row, ``(answer, targets)``: the token ids that follow the prompt when the engine
+    extracts fields (``worker.prompt.answer_ids``) and, aligned with them, the ids to predict
+    (each field value's tokens and its closing newline) or ``IGNORE``."""
+    newline = vocab.tokenize("\n")[0]
+    out = []
+    for (_, label), values in zip(rows, fields, strict=True):
+        answer, is_target = answer_ids(vocab.tokenize, newline, label, values, taxonomy.fields)
+        out.append((answer, [t if keep else IGNORE for t, keep in zip(answer, is_target,
+                                                                      strict=True)]))
+    return out
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -136,6 +168,28 @@ class RouterModel:
         """Final hidden state of each sequence's last token: float tensor ``[batch, hidden]``."""
         import torch
 
+        hidden, mask = self.hidden_states(batch_ids)
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(batch_ids), device=self.device), last]
+
+    def token_logits(self, hidden: Any) -> Any:
+        """The language-model logits ``[n, vocab]`` of final hidden states ``[n, hidden]``
+        (the tied output layer, with the config's final soft-capping when it has one)."""
+        import torch
+
+        wrapped: Any = self.peft
+        logits = wrapped.base_model.model.lm_head(hidden)
+        text_config = getattr(self.config, "text_config", self.config)
+        cap = getattr(text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def hidden_states(self, batch_ids: list[list[int]]) -> tuple[Any, Any]:
+        """Final hidden states ``[batch, width, hidden]`` of right-padded sequences, and the
+        attention mask ``[batch, width]``."""
+        import torch
+
         width = max(len(x) for x in batch_ids)
         ids = torch.zeros((len(batch_ids), width), dtype=torch.long)
         mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
@@ -143,9 +197,7 @@ class RouterModel:
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.body()(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(len(batch_ids), device=self.device), last]
+        return self.body()(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
     def logits(self, batch_ids: list[list[int]]) -> Any:
         """Head logits ``[batch, n_labels]``."""
@@ -157,14 +209,18 @@ CHECKPOINT_FILE = "checkpoint.pt"
 _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 
 
-def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int]) -> str:
+def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
+                    answers: list[tuple[list[int], list[int]]] | None = None) -> str:
     """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``) and the encoded
-    training rows. A checkpoint resumes only a run with the same fingerprint."""
+    training rows (with their field targets). A checkpoint resumes only a run with the same
+    fingerprint."""
     import hashlib
 
     params = {k: v for k, v in asdict(recipe).items() if k not in _NOT_WEIGHTS}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(json.dumps([ids, labels]).encode())
+    if answers:
+        digest.update(json.dumps(answers).encode())
     return digest.hexdigest()
 
 
@@ -194,8 +250,12 @@ class TrainResult:
 
 def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]],
           out_dir: Path, recipe: Recipe, validation_rows: list[tuple[str, str]] | None = None,
-          progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
+          progress: bool = True, stop_after_steps: int | None = None,
+          train_fields: FieldRows | None = None) -> TrainResult:
     """Train LoRA + head on ``train_rows``; save the PEFT adapter and the head in ``out_dir``.
+
+    ``train_fields`` (one dict per row, field name -> gold value) also trains the taxonomy's
+    extraction fields (see the module docstring); without it, only the label is learned.
 
     ``out_dir/adapter-hf/`` holds the PEFT adapter (converted to GGUF by ``training.export``),
     ``out_dir/head.npz`` the head (``weight [n_labels, hidden]``, ``bias [n_labels]``, float32,
@@ -229,6 +289,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     torch.set_num_threads(threads)
     vocab = load_vocab(base_gguf)
     ids, labels = encode_rows(vocab, taxonomy, train_rows, recipe)
+    answers = (encode_answers(vocab, taxonomy, train_rows, train_fields)
+               if train_fields is not None and taxonomy.fields else None)
     model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
     lora_params = [p for p in model.peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
@@ -254,7 +316,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     started, tokens, ema, done, earlier_s = time.monotonic(), 0, None, 0, 0.0
     curve: list[float] = []
     checkpoint = out_dir / CHECKPOINT_FILE
-    fingerprint = run_fingerprint(recipe, ids, labels)
+    fingerprint = run_fingerprint(recipe, ids, labels, answers)
     lora_named = [(n, p) for n, p in model.peft.named_parameters() if p.requires_grad]
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
@@ -295,8 +357,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     try:
         for step, batch in enumerate(bar, start=done + 1):
             train_step(model, optimizer, scheduler, lora_params, ids, labels, batch, recipe,
-                       device)
-            tokens += sum(len(ids[i]) for i in batch)
+                       device, answers)
+            tokens += sum(len(ids[i]) + (len(answers[i][0]) if answers else 0) for i in batch)
             ema = _loss_ema(model, ema)
             bar.set_postfix(loss=f"{ema:.3f}",
                             tok_s=f"{tokens / (earlier_s + time.monotonic() - started):.0f}")
@@ -330,21 +392,40 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     (out_dir / "train.json").write_text(json.dumps({
         "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
         "torch_validation_accuracy": accuracy, "epoch_validation_accuracy": curve,
-        "device": device, "threads": threads}, indent=2))
+        "device": device, "threads": threads,
+        "fields_trained": [f.name for f in taxonomy.fields] if answers else []}, indent=2))
     return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, curve, device, threads)
 
 
 def train_step(model: RouterModel, optimizer: Any, scheduler: Any, params: list[Any],
                ids: list[list[int]], labels: list[int], batch: list[int], recipe: Recipe,
-               device: str) -> None:
-    """One optimisation step on the rows ``batch`` (cross-entropy with label smoothing, grad
-    clipping at 1.0); the loss is kept on ``model.last_loss``."""
+               device: str, answers: list[tuple[list[int], list[int]]] | None = None) -> None:
+    """One optimisation step on the rows ``batch`` (cross-entropy with label smoothing, plus,
+    with ``answers``, ``recipe.field_loss_weight`` times the mean cross-entropy of the field
+    tokens; grad clipping at 1.0); the loss is kept on ``model.last_loss``."""
     import torch
 
-    batch_ids = [ids[i] for i in batch]
     target = torch.tensor([labels[i] for i in batch], device=device)
-    loss = torch.nn.functional.cross_entropy(model.logits(batch_ids), target,
-                                             label_smoothing=recipe.label_smoothing)
+    if answers is None:
+        loss = torch.nn.functional.cross_entropy(model.logits([ids[i] for i in batch]), target,
+                                                 label_smoothing=recipe.label_smoothing)
+    else:
+        hidden, _ = model.hidden_states([ids[i] + answers[i][0] for i in batch])
+        rows = torch.arange(len(batch), device=device)
+        last = torch.tensor([len(ids[i]) - 1 for i in batch], device=device)
+        loss = torch.nn.functional.cross_entropy(model.head(hidden[rows, last]), target,
+                                                 label_smoothing=recipe.label_smoothing)
+        at_row, at_pos, wanted = [], [], []
+        for row, i in enumerate(batch):
+            for j, token in enumerate(answers[i][1]):
+                if token != IGNORE:  # predicted from the position before it
+                    at_row.append(row)
+                    at_pos.append(len(ids[i]) + j - 1)
+                    wanted.append(token)
+        if wanted:
+            picked = hidden[torch.tensor(at_row, device=device), torch.tensor(at_pos, device=device)]
+            loss = loss + recipe.field_loss_weight * torch.nn.functional.cross_entropy(
+                model.token_logits(picked), torch.tensor(wanted, device=device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([*params, *model.head.parameters()], 1.0)

@@ -21,7 +21,7 @@ from typing import Any
 
 from models.taxonomy import Taxonomy
 from training.export import convert_adapter, data_ref, write_manifest
-from training.finetune import ADAPTER_DIR, HEAD_FILE, Recipe, train
+from training.finetune import ADAPTER_DIR, HEAD_FILE, FieldRows, Recipe, train
 from training.split import stratified_split
 
 
@@ -32,9 +32,24 @@ def read_labelled(path: Path, text_column: str, label_column: str) -> list[tuple
     return [(str(row[text_column]), str(row[label_column])) for row in read_rows(path)]
 
 
+def read_fields(path: Path, names: list[str]) -> FieldRows | None:
+    """Gold extraction values per row (``name -> value``, missing or empty cells ``Unknown``),
+    or None when the file has none of the columns ``names`` (a label-only file)."""
+    from producer.backfill import read_rows
+    from worker.prompt import UNKNOWN
+
+    if not names:
+        return None
+    rows = list(read_rows(path))
+    if not any(name in row for row in rows for name in names):
+        return None
+    return [{name: str(row.get(name) or "").strip() or UNKNOWN for name in names} for row in rows]
+
+
 def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Recipe,
                  eval_rows: list[tuple[str, str]], train_rows: list[tuple[str, str]],
-                 data_name: str, threads: int) -> dict[str, Any]:
+                 data_name: str, threads: int, eval_fields: FieldRows | None = None
+                 ) -> dict[str, Any]:
     """Evaluate the exported files in ``out_dir`` through the worker's engine."""
     from training.evaluate import evaluate
     from worker.engine import LabelHead, RoutingEngine
@@ -45,7 +60,8 @@ def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Rec
                            head=LabelHead.load(out_dir / HEAD_FILE),
                            prompt_style=recipe.prompt_style)
     try:
-        return evaluate(engine, out_dir.name, taxonomy, eval_rows, train_rows, data_name, out_dir)
+        return evaluate(engine, out_dir.name, taxonomy, eval_rows, train_rows, data_name, out_dir,
+                        gold_fields=eval_fields)
     finally:
         engine.close()
 
@@ -63,19 +79,28 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
     unknown = {label for _, label in rows} - set(taxonomy.label_names)
     if unknown:
         raise KeyError(f"labels outside taxonomy {taxonomy.name}: {sorted(unknown)[:5]}")
-    train_rows, eval_rows = stratified_split(rows, seed=recipe.seed)
+    fields = read_fields(data, [f.name for f in taxonomy.fields])
+    # split row indices (the split depends only on the labels, so it is the one that
+    # ``stratified_split(rows)`` gives), to carry each row's fields along
+    train_at, eval_at = stratified_split([(str(i), label) for i, (_, label) in enumerate(rows)],
+                                         recipe.validation_fraction, seed=recipe.seed)
+    train_rows, eval_rows = [rows[int(i)] for i, _ in train_at], [rows[int(i)] for i, _ in eval_at]
+    train_fields = [fields[int(i)] for i, _ in train_at] if fields else None
+    eval_fields = [fields[int(i)] for i, _ in eval_at] if fields else None
     work = out_dir / "work"
     if not skip_training:
         train(base_gguf, taxonomy, train_rows, work, recipe, validation_rows=eval_rows,
-              stop_after_steps=stop_after_steps)
+              stop_after_steps=stop_after_steps, train_fields=train_fields)
     convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
     shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
     report = evaluate_dir(out_dir, base_gguf, taxonomy, recipe, eval_rows, train_rows,
                           f"{data.name} (stratified validation, seed {recipe.seed})",
-                          available_cpus())
-    metrics = {system: {k: v for k, v in report[system].items()
-                        if k not in ("per_label_worst_first", "confusion_pairs")}
-               for system in ("model", "baseline")}
+                          available_cpus(), eval_fields)
+    metrics: dict[str, Any] = {system: {k: v for k, v in report[system].items()
+                                        if k not in ("per_label_worst_first", "confusion_pairs")}
+                               for system in ("model", "baseline")}
+    if "fields" in report:
+        metrics["fields"] = report["fields"]
     train_info = json.loads((work / "train.json").read_text())
     path = write_manifest(
         out_dir, name=out_dir.name, base_gguf=base_gguf, taxonomy=taxonomy,
