@@ -171,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     tuned = {name: getattr(args, name)
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
-                          "validation_fraction", "field_loss_weight")
+                          "validation_fraction", "field_loss_weight", "injection_augment",
+                          "init_from")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -364,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field-loss-weight", type=float,
                    help="weight of the extraction fields' loss when the data has the "
                         "taxonomy's field columns (default: the recipe's, 1.0)")
+    p.add_argument("--injection-augment", type=float,
+                   help="add this share of training rows again with an injection of a train "
+                        "style of data/injection/corpus.yaml, gold label kept (issue 12)")
+    p.add_argument("--init-from", help="start from a trained router directory (adapter.gguf, "
+                                       "head.npz) instead of zeros")
     p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")
     p.add_argument("--skip-training", action="store_true", help="re-export OUT/work only")
     p.add_argument("--stop-after-steps", type=int, default=None,

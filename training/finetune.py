@@ -83,6 +83,13 @@ class Recipe:
     #: the share of the labelled rows that ``run_recipe`` keeps out of training (validation and
     #: calibration rows)
     validation_fraction: float = 0.1
+    #: adversarial augmentation: this share of the training rows is added again with an
+    #: injection of a ``train`` style of ``data/injection/corpus.yaml``, gold label kept
+    #: (``training.injection.augment``; issue 12)
+    injection_augment: float = 0.0
+    #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
+    #: LoRA rank and target modules) and ``head.npz`` (same labels)
+    init_from: str | None = None
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -158,6 +165,45 @@ class RouterModel:
         torch.nn.init.zeros_(self.head.bias)
         self.device = device
         self.last_loss = 0.0
+
+    def load_router(self, router_dir: Path, labels: list[str]) -> None:
+        """Start from a trained router: its GGUF LoRA adapter (``adapter.gguf``, read with
+        gguf-py and mapped back to the PEFT parameters: ``blk.N.attn_q.weight.lora_a`` ->
+        ``layers.N.self_attn.q_proj.lora_A``) and its head (``head.npz``). Raises
+        ``ValueError`` when the rank, a module or the labels differ."""
+        import gguf
+        import torch
+
+        modules = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                   "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                   "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                   "ffn_down": "mlp.down_proj"}
+        params = dict(self.peft.named_parameters())
+        reader = gguf.GGUFReader(str(router_dir / "adapter.gguf"))
+        loaded = 0
+        with torch.no_grad():
+            for tensor in reader.tensors:
+                block, index, module, _, part = tensor.name.split(".")
+                suffix = (f"layers.{index}.{modules[module]}.lora_{part[-1].upper()}"
+                          ".default.weight")
+                found = [n for n in params if n.endswith(suffix)]
+                if block != "blk" or len(found) != 1:
+                    raise ValueError(f"{tensor.name}: no LoRA parameter {suffix}")
+                name = found[0]
+                value = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy())
+                if value.shape != params[name].shape:
+                    raise ValueError(f"{tensor.name}: {tuple(value.shape)} vs "
+                                     f"{tuple(params[name].shape)} (another LoRA rank?)")
+                params[name].copy_(value.to(params[name].device))
+                loaded += 1
+            with np.load(router_dir / HEAD_FILE, allow_pickle=False) as head:
+                if [str(x) for x in head["labels"]] != labels:
+                    raise ValueError(f"{router_dir / HEAD_FILE} has other labels")
+                self.head.weight.copy_(torch.from_numpy(head["weight"]).to(self.device))
+                self.head.bias.copy_(torch.from_numpy(head["bias"]).to(self.device))
+        if loaded != sum(1 for n in params if ".lora_" in n):
+            raise ValueError(f"{router_dir / 'adapter.gguf'} covers {loaded} of the "
+                             "model's LoRA matrices (other target modules?)")
 
     def body(self) -> Any:
         """The transformer body (embeddings, layers, final norm) under the LoRA wrapper."""
@@ -288,10 +334,19 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     threads = available_cpus()
     torch.set_num_threads(threads)
     vocab = load_vocab(base_gguf)
+    if recipe.injection_augment > 0:
+        from training.injection import augment
+
+        extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed)
+        if train_fields is not None:  # an injection does not change what the ticket is about
+            train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
+        train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]
     ids, labels = encode_rows(vocab, taxonomy, train_rows, recipe)
     answers = (encode_answers(vocab, taxonomy, train_rows, train_fields)
                if train_fields is not None and taxonomy.fields else None)
     model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
+    if recipe.init_from:
+        model.load_router(Path(recipe.init_from), taxonomy.label_names)
     lora_params = [p for p in model.peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": recipe.lora_lr},

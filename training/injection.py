@@ -48,6 +48,32 @@ def inject(text: str, style: dict[str, str], label: str, question: str) -> str:
     return f"{attack} {text}" if style["where"] == "prepend" else f"{text} {attack}"
 
 
+def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
+            corpus: Path = CORPUS) -> list[tuple[int, str]]:
+    """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
+    training row with the attacker text of one of the corpus's ``train`` styles (never an
+    ``eval`` style, never a ``control``) naming another label, and the row's **gold** label
+    kept, so the model learns that text inside the ticket does not choose the label.
+    Deterministic for a seed; a style's ``{question}`` comes from another row of the attacker's
+    label. Returns ``(index of the source row, injected text)`` pairs."""
+    import random
+
+    styles = [s for s in load_corpus(corpus) if s["split"] == "train" and s["kind"] != "control"]
+    if share <= 0 or not styles or not rows:
+        return []
+    rng = random.Random(seed)
+    by_label: dict[str, list[str]] = {}
+    for text, label in rows:
+        by_label.setdefault(label, []).append(text)
+    out = []
+    for index in rng.sample(range(len(rows)), min(len(rows), round(share * len(rows)))):
+        text, gold = rows[index]
+        attacker = rng.choice([label for label in labels if label != gold])
+        question = rng.choice(by_label.get(attacker) or [attacker.replace("_", " ")])
+        out.append((index, inject(text, rng.choice(styles), attacker, question)))
+    return out
+
+
 def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, str]],
         styles: list[dict[str, str]], guard: InjectionGuard | None) -> dict[str, Any]:
     """Route every (ticket, style) pair; returns the per-style figures (module doc)."""

@@ -1,0 +1,31 @@
+"""Adversarial augmentation for training (issue 12): pure logic over the real corpus."""
+
+from __future__ import annotations
+
+from training.injection import augment, load_corpus
+
+
+ROWS = [("where is my card", "card_arrival"), ("my transfer is late", "transfer_timing"),
+        ("why was I charged a fee", "card_payment_fee_charged"),
+        ("my card was swallowed", "card_swallowed")] * 25
+LABELS = sorted({label for _, label in ROWS})
+
+
+def test_augmented_rows_keep_the_gold_label_and_use_only_training_styles() -> None:
+    extra = augment(ROWS, LABELS, 0.5, seed=13)
+    assert len(extra) == 50
+    eval_markers = ["[admin]", "Assistant:", "FYI the right intent", "developer mode",
+                    "queue thx", "### Category", "Dear classifier", "Also, "]
+    for index, text in extra:
+        source, gold = ROWS[index]
+        assert source in text and text != source          # the ticket, with attacker text
+        assert not any(marker in text for marker in eval_markers)
+        attack = text.replace(source, "")
+        assert gold not in attack                         # the attacker names another label
+    train_styles = [s for s in load_corpus() if s["split"] == "train"]
+    assert train_styles and all(s["split"] != "eval" for s in train_styles)
+
+
+def test_augmentation_is_deterministic_and_off_by_default() -> None:
+    assert augment(ROWS, LABELS, 0.3, seed=1) == augment(ROWS, LABELS, 0.3, seed=1)
+    assert augment(ROWS, LABELS, 0.0, seed=1) == []
