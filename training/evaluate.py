@@ -326,12 +326,12 @@ def markdown_report(report: dict[str, Any]) -> str:
                     lines.append(f"| {name} | {figures['kind']} | {title} | "
                                  f"{figures['model'][key]:.1%} | "
                                  f"{figures['baseline'][key]:.1%} ({baseline}) |")
-            model = figures["model"]
-            extra = (f"values found in the ticket: {model['in_ticket_rate']:.1%}"
-                     if "in_ticket_rate" in model else
-                     f"rejected for repeating the prompt: {model.get('rejected_rate', 0):.1%}")
+            extracted = figures["model"]
+            extra = (f"values found in the ticket: {extracted['in_ticket_rate']:.1%}"
+                     if "in_ticket_rate" in extracted else "rejected for repeating the prompt: "
+                     f"{extracted.get('rejected_rate', 0):.1%}")
             lines.append(f"| {name} | {figures['kind']} | gold `Unknown` / {extra} | "
-                         f"{model['gold_unknown_rate']:.1%} | |")
+                         f"{extracted['gold_unknown_rate']:.1%} | |")
     calibration = report.get("calibration")
     if calibration:
         raw, oof = calibration["uncalibrated"], calibration["out_of_fold"]
@@ -414,4 +414,21 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
         report["plots"] = plot_calibration(out_dir, curves)
         (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "eval.md").write_text(markdown_report(report))
+        write_predictions(out_dir / "predictions.jsonl", eval_rows, predictions, gold_fields)
     return report
+
+
+def write_predictions(path: Path, rows: list[tuple[str, str]], predictions: Predictions,
+                      gold_fields: list[dict[str, str]] | None = None) -> None:
+    """One JSON line per row: text, gold and predicted label, confidence (after the model's
+    calibration), and gold and predicted fields when there are any: the errors, to read."""
+    with path.open("w", encoding="utf-8") as handle:
+        for i, (text, gold) in enumerate(rows):
+            line: dict[str, Any] = {"text": text, "gold": gold,
+                                    "label": predictions.labels[i],
+                                    "confidence": round(predictions.confidences[i], 4)}
+            if predictions.fields and predictions.fields[i]:
+                line["fields"] = predictions.fields[i]
+                if gold_fields is not None:
+                    line["gold_fields"] = gold_fields[i]
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
