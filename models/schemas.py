@@ -102,6 +102,8 @@ class RoutedResult(BaseModel):
     ``"fallback"``). ``fields`` holds the taxonomy's extraction fields, if it asks for any.
     ``flags`` lists why a ticket was held back regardless of confidence, e.g.
     ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``.
+    ``rejected_fields`` names the generated fields whose value repeated the prompt instead of the
+    ticket (``worker.spans.echoes_prompt``); they read ``Unknown``.
     """
 
     ticket_id: str
@@ -111,6 +113,7 @@ class RoutedResult(BaseModel):
     status: Literal["routed", "fallback"]
     fields: dict[str, str] = Field(default_factory=dict)
     flags: list[str] = Field(default_factory=list)
+    rejected_fields: list[str] = Field(default_factory=list)
     taxonomy: str
     model: ModelRef
     timings: Timings

@@ -55,11 +55,16 @@ REDELIVERIES = Counter(
     "thinfleet_redeliveries_total",
     "Tickets left for redelivery because Redis refused the attempt count, retry or dead-letter.")
 TOKENS = Counter("thinfleet_tokens_total", "Tokens evaluated or generated.", ["direction"])
+FIELDS_REJECTED = Counter(
+    "thinfleet_fields_rejected_total",
+    "Generated field values rejected for repeating the prompt (published as Unknown).",
+    ["field"])
 READY = Gauge("thinfleet_worker_ready", "1 while this child has a model loaded and warm.",
               multiprocess_mode="livesum")
 
 
-def preinitialise(routes: list[str], fallback_route: str) -> None:
+def preinitialise(routes: list[str], fallback_route: str, fields: list[str] | None = None
+                  ) -> None:
     """Create every known label set at 0, so that ``increase()`` and ``rate()`` see the first
     event (a counter born at 1 on first use has no earlier sample to compare with, so the
     dead-letter alert missed the first dead letter of each kind on each pod)."""
@@ -73,6 +78,8 @@ def preinitialise(routes: list[str], fallback_route: str) -> None:
     TICKETS.labels(route="", status="dead_letter")
     TOKENS.labels("in")
     TOKENS.labels("out")
+    for name in fields or []:
+        FIELDS_REJECTED.labels(name)
 
 
 def multiprocess_registry() -> CollectorRegistry:

@@ -90,7 +90,8 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     log.info("thread_plan", cpus=threads.cpus, concurrency=threads.concurrency,
              threads_per_child=threads.threads, source=threads.source)
     taxonomy = load_taxonomy(settings.taxonomy)
-    metrics.preinitialise(sorted(set(taxonomy.routes.values())), taxonomy.fallback_route)
+    metrics.preinitialise(sorted(set(taxonomy.routes.values())), taxonomy.fallback_route,
+                          [f.name for f in taxonomy.fields if not f.extractive])
     model = resolve_from_settings(settings, taxonomy.sha256)
     metrics.MODEL_LOAD_SECONDS.labels("acquire").observe(model.seconds)
     metrics.MODEL_LOAD_LAST_SECONDS.labels("acquire").set(model.seconds)
@@ -291,6 +292,7 @@ def route_event(state: ChildState, event: TicketEvent, attempt: int, started: fl
         ticket_id=event.ticket_id, label=outcome.label, route=route,
         confidence=min(1.0, max(0.0, outcome.confidence)),
         status="fallback" if fallback else "routed", fields=outcome.fields, flags=flags,
+        rejected_fields=outcome.rejected_fields,
         taxonomy=taxonomy.ref, model=state.model_ref,
         timings=Timings(queue_wait_ms=queue_wait_ms, prompt_eval_ms=outcome.prompt_eval_ms,
                         decode_ms=outcome.decode_ms,
@@ -352,6 +354,8 @@ def handle_ticket(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]
     metrics.TICKETS.labels(route=result.route, status=result.status).inc()
     metrics.TOKENS.labels("in").inc(result.tokens_in)
     metrics.TOKENS.labels("out").inc(result.tokens_out)
+    for name in result.rejected_fields:
+        metrics.FIELDS_REJECTED.labels(name).inc()
     log.info("ticket_routed", label=result.label, route=result.route,
              confidence=round(result.confidence, 4), status=result.status,
              total_ms=round(elapsed_s * 1000, 1), entry_id=published.entry_id,
