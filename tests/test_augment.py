@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from training.injection import augment, load_corpus
 
-
 ROWS = [("where is my card", "card_arrival"), ("my transfer is late", "transfer_timing"),
         ("why was I charged a fee", "card_payment_fee_charged"),
         ("my card was swallowed", "card_swallowed")] * 25
