@@ -437,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", help="tickets to route (default: the job's sample)")
     p.add_argument("--concurrency", type=int, default=2, help="worker children")
     p.add_argument("--timeout-s", type=float, default=900.0)
-    p.add_argument("--model", choices=["shipped", "adapter", "base"], default="shipped",
-                   help="the shipped fine-tuned router merged to Q4_K_M (default), the same "
-                   "router with its adapter applied at load, or the bare base model")
+    p.add_argument("--model", choices=["shipped", "adapter", "base"], default=None,
+                   help="the shipped fine-tuned router merged to Q4_K_M (banking77's default), "
+                   "the same router with its adapter applied at load (ecommerce's default), "
+                   "or the bare base model")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,6 +46,15 @@ def read_fields(path: Path, names: list[str]) -> FieldRows | None:
     return [{name: str(row.get(name) or "").strip() or UNKNOWN for name in names} for row in rows]
 
 
+def _init_ref(recipe: Recipe) -> dict[str, str]:
+    """The sha256 of the adapter a continued run started from (``recipe.init_from``)."""
+    if not recipe.init_from:
+        return {}
+    from worker.acquire import sha256_file
+
+    return {"init_from_adapter_sha256": sha256_file(Path(recipe.init_from) / "adapter.gguf")}
+
+
 def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Recipe,
                  eval_rows: list[tuple[str, str]], train_rows: list[tuple[str, str]],
                  data_name: str, threads: int, eval_fields: FieldRows | None = None
@@ -108,7 +117,7 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
         prompt_style=recipe.prompt_style, max_ticket_tokens=recipe.max_ticket_tokens,
         data=data_ref(data, len(train_rows), len(eval_rows),
                       f"stratified {len(eval_rows)}/{len(rows)}, seed {recipe.seed}"),
-        recipe={**train_info["recipe"], "train_seconds": train_info["seconds"],
+        recipe={**train_info["recipe"], **_init_ref(recipe), "train_seconds": train_info["seconds"],
                 "train_tokens": train_info["tokens"], "device": train_info["device"],
                 "threads": train_info["threads"]},
         metrics=metrics)
