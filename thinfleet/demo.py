@@ -249,6 +249,6 @@ def _summarise(results: dict[str, dict], dead: dict[str, dict], expected: dict[s
     import json
 
     if first:
-        print(json.dumps(first, indent=None)[:600])
+        print(json.dumps(first, indent=None))
     if dead:
         print("dead-lettered:", json.dumps(next(iter(dead.values())))[:400])
