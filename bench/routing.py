@@ -10,6 +10,11 @@ Systems (each repetition runs them in turn, A/B/C/D, so drift hits them alike):
                 prompt: ``/v1/completions``, greedy, stop at ``}``, JSON parsed afterwards. Its
                 ``Llama`` keeps the longest common token prefix of consecutive prompts in the KV
                 cache, so it gets prefix reuse for free; what it lacks is the label trie;
+* ``server_tuned`` the same server the way a careful user would drive it (issue 16: the ratio
+                must not flatter thinfleet): thinfleet's own catalog prompt (the same prefix as
+                ``trie``, so the server's prefix reuse covers it), the answer as a plain label
+                after ``Category:``, stop at the newline, ``max_tokens`` = the longest label's
+                tokens + 1, greedy;
 * ``trie``      thinfleet's engine with the base model: prefix cache + label trie;
 * ``head``      thinfleet's engine with the shipped fine-tuned router: compact prefix cache +
                 LoRA adapter + label head (one forward pass, no decoding);
@@ -37,7 +42,7 @@ import numpy as np
 from models.taxonomy import Taxonomy
 
 SAMPLE = Path("data/banking77/sample.csv")
-ROUTER = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
+ROUTER = Path("models/trained/banking77-gemma3-270m-lora-robust/manifest.json")
 
 
 def load_tickets(n: int) -> list[str]:
@@ -134,16 +139,31 @@ class ServerWay:
                     raise RuntimeError(f"llama_cpp.server did not start (see {log})") from exc
                 time.sleep(0.5)
 
-    def route(self, text: str) -> str | None:
+    def complete(self, prompt: str, max_tokens: int, stop: list[str]) -> str:
+        """One greedy ``/v1/completions`` request; the completion's text."""
         import urllib.request
 
-        body = json.dumps({"prompt": f"{self.system}Ticket: {text}\nJSON: ",
-                           "max_tokens": self.max_tokens,
-                           "temperature": 0.0, "stop": ["}"]}).encode()
+        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                           "stop": stop}).encode()
         request = urllib.request.Request(f"{self.url}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
-            completion = json.loads(response.read())["choices"][0]["text"]
+            return str(json.loads(response.read())["choices"][0]["text"])
+
+    def route_tuned(self, prefix: str, max_tokens: int) -> Callable[[str], str | None]:
+        """The careful user's way (module docstring): ``prefix`` + ticket + ``Category:``,
+        stop at the newline, at most ``max_tokens``; the label if the answer is one."""
+        from worker.prompt import LABEL_CUE, TICKET_LEAD, fold_ticket_text
+
+        def route(text: str) -> str | None:
+            answer = self.complete(f"{prefix}{TICKET_LEAD}{fold_ticket_text(text)}{LABEL_CUE}",
+                                   max_tokens, ["\n"]).strip()
+            return answer if answer in self.labels else None
+        return route
+
+    def route(self, text: str) -> str | None:
+        completion = self.complete(f"{self.system}Ticket: {text}\nJSON: ", self.max_tokens,
+                                   ["}"])
         try:
             label = json.loads(completion + "}").get("issue_classification")
         except (ValueError, AttributeError):
@@ -220,11 +240,23 @@ def main() -> None:
     systems: dict[str, Callable[[str], object]] = {}
     article = ArticleWay(model, taxonomy.label_names, threads, fields=field_names)
     systems["article"] = article.route
-    server = None
+    server = tuned = None
     if not args.no_server:
         server = ServerWay(model, article.system, taxonomy.label_names, threads,
                            max_tokens=article.max_new_tokens)
         systems["server"] = server.route
+        if not args.fields:
+            from worker.prompt import build_prefix
+
+            vocab_rt = RoutingEngine(model, taxonomy, n_threads=1).runtime
+            longest = max(len(vocab_rt.tokenize(" " + label)) for label in taxonomy.label_names)
+            vocab_rt.close()
+            # its own server process: alternating two prompts on one server would evict the
+            # other's prefix from its cache at every switch
+            tuned = ServerWay(model, article.system, taxonomy.label_names, threads,
+                              log=Path("var/bench-server-tuned.log"))
+            systems["server_tuned"] = tuned.route_tuned(build_prefix(taxonomy, "catalog"),
+                                                        longest + 1)
     trie = RoutingEngine(model, taxonomy, n_threads=threads)
     systems["trie"] = trie.route
     heads = {"head": ROUTER} if ROUTER.exists() else {}
@@ -254,8 +286,9 @@ def main() -> None:
         mean = statistics.median(statistics.mean(r) for r in runs[name])
         return {"p50": p50, "p95": p95, "tps": 1000 / mean, "mean": mean}
 
-    if server is not None:
-        server.close()
+    for process in (server, tuned):
+        if process is not None:
+            process.close()
     table = {name: summary(name) for name in runs}
     print(f"\n{len(tickets)} Banking77 tickets, {args.reps} repetitions, {threads} threads, "
           f"{'fields ' + ', '.join(field_names) if field_names else 'label-only'}, "
