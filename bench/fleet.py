@@ -13,7 +13,12 @@ child count (alternating, so drift hits both alike):
 * **latency**: per ticket, the task's own wall time as the worker records it (``total_ms``:
   validate, prompt, head, publish), and enqueue-to-result for the burst;
 * **memory**: RSS, PSS and private memory of each child after the burst, from
-  ``/proc/PID/smaps_rollup``; the PSS an extra child adds is total PSS(2) - total PSS(1).
+  ``/proc/PID/smaps_rollup``; the PSS an extra child adds is total PSS(2) - total PSS(1);
+* **Redis cost**: ``CONFIG RESETSTAT`` before the burst and ``INFO commandstats`` after it:
+  Redis commands and Redis CPU (the commands' own execution time, ``usec``) per ticket, for
+  everything that ran (producer, broker, worker, results, the bench's own stream reads), and
+  the most frequent commands. One Redis serves the whole fleet, so this bounds how far the
+  fleet scales by worker count (issue 16).
 
 Medians over repetitions are reported.
 
@@ -84,12 +89,16 @@ def main() -> None:
                         help="extra worker setting, e.g. --set n_ubatch=64")
     args = parser.parse_args()
 
+    import redis
+
     from producer import Producer, ProducerSettings
 
     children_counts = [int(c) for c in args.children.split(",")]
     tickets = load_tickets(args.tickets)
     shutil.rmtree(VAR, ignore_errors=True)
     figures: dict[int, dict[str, list[float]]] = {c: {} for c in children_counts}
+
+    top_commands: dict[int, list[tuple[str, int]]] = {}
 
     def add(children: int, name: str, value: float) -> None:
         figures[children].setdefault(name, []).append(value)
@@ -135,7 +144,15 @@ def main() -> None:
                     boot_s = time.monotonic() - started
                     add(children, "boot_cold_s" if cold else "boot_warm_s", boot_s)
                     burst(producer, tickets[:4])  # warm-up, not timed
+                    admin = redis.Redis.from_url(redis_url)
+                    admin.config_resetstat()
                     result = burst(producer, tickets)
+                    stats = admin.info("commandstats")
+                    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+                    result["redis_calls_per_ticket"] = sum(calls.values()) / len(tickets)
+                    result["redis_usec_per_ticket"] = sum(
+                        v["usec"] for v in stats.values()) / len(tickets)
+                    top_commands[children] = sorted(calls.items(), key=lambda kv: -kv[1])[:8]
                     for name, value in result.items():
                         add(children, name, value)
                     pss = [devstack.memory_of(pid) for pid in worker.child_pids()]
@@ -164,6 +181,13 @@ def main() -> None:
               f"{row['e2e_p50'] / 1000:.1f} | {row['pss_child_mib']:.0f} | "
               f"{row['private_child_mib']:.0f} | {row.get('boot_cold_s', float('nan')):.1f} | "
               f"{row.get('boot_warm_s', float('nan')):.1f} |")
+    print("\n| children | Redis commands per ticket | Redis CPU per ticket (usec) | most frequent "
+          "commands in the last burst |")
+    print("| --- | --- | --- | --- |")
+    for c, row in med.items():
+        top = ", ".join(f"{name} {count}" for name, count in top_commands.get(c, []))
+        print(f"| {c} | {row['redis_calls_per_ticket']:.1f} | "
+              f"{row['redis_usec_per_ticket']:.0f} | {top} |")
     if len(med) >= 2:
         a, b = sorted(med)[:2]
         print(f"\nPSS added by child {b} (total PSS({b}) - total PSS({a})): "
