@@ -231,3 +231,26 @@ def test_worker_serves_a_manifest_from_s3_and_refuses_a_foreign_one(
     refused = devstack.start_worker(foreign, tmp_path / "w2.log", hostname="foreign")
     assert refused.proc.wait(120) != 0
     assert "trained for taxonomy banking77" in refused.log_text()
+
+
+def test_a_model_preloaded_before_the_fork_serves_every_child(
+        redis_url: str, s3_endpoint: str, model_uri: str, model_sha: str, tmp_path: Path) -> None:
+    """``preload_model``: the parent loads the model, two forked children route with it (no
+    OpenMP state crosses the fork: repack is off) and route every ticket to a valid label."""
+    db = redis_url.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(db).flushdb()
+    env = worker_env(db, s3_endpoint, model_uri, model_sha, tmp_path / "cache",
+                     preload_model="true")
+    worker = devstack.start_worker(env, tmp_path / "w.log", concurrency=2, hostname="preload")
+    try:
+        worker.wait_ready(2, timeout_s=180)
+        producer = Producer(ProducerSettings(redis_url=db))
+        tickets = {f"pre-{i}": text for i, text in enumerate(
+            ["Where is my card?", "I was charged twice", "How do I top up?", "My PIN is blocked"])}
+        results = [producer.route({"ticket_id": tid, "text": text}, timeout_s=60)
+                   for tid, text in tickets.items()]
+    finally:
+        worker.stop()
+    assert "model_preloaded" in worker.log_text()
+    labels = set(load_taxonomy("banking77").label_names)
+    assert all(isinstance(r, RoutedResult) and r.label in labels for r in results)

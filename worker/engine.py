@@ -119,7 +119,8 @@ class RoutingEngine:
     def __init__(self, model_path: Path, taxonomy: Taxonomy, *, n_threads: int,
                  max_ticket_tokens: int = 256, n_batch: int = 256, n_ubatch: int = 128,
                  adapter_path: Path | None = None, head: LabelHead | None = None,
-                 prompt_style: PromptStyle = "catalog", repack: bool = True):
+                 prompt_style: PromptStyle = "catalog", repack: bool = True,
+                 model: object = None):
         self.taxonomy = taxonomy
         self.max_ticket_tokens = max_ticket_tokens
         self.head = head
@@ -134,7 +135,7 @@ class RoutingEngine:
         n_ctx = len(prefix_text) + max_ticket_tokens + answer_budget + 64
         self.runtime = LlamaRuntime(model_path, n_ctx=n_ctx, n_threads=n_threads,
                                     n_batch=n_batch, n_ubatch=n_ubatch, lora_path=adapter_path,
-                                    embeddings=head is not None, repack=repack)
+                                    embeddings=head is not None, repack=repack, model=model)
         rt = self.runtime
         self.prefix_ids = rt.tokenize(prefix_text, add_bos=True, special=False)
         newline = rt.tokenize("\n")

@@ -88,6 +88,30 @@ def load_vocab(model_path: Path, quiet: bool = True) -> Vocab:
     return vocab
 
 
+def load_model(model_path: Path, repack: bool, quiet: bool = True) -> Any:
+    """Load a GGUF model's weights (mmap'd) and structures; returns llama.cpp's model pointer.
+
+    For ``preload_model``: the worker parent calls it before Celery forks the children, which
+    then share the model's structures (vocabulary, tensor metadata) copy-on-write instead of
+    each building its own, and create only their contexts (``LlamaRuntime(model=...)``). Use
+    ``repack=False`` there: repacking runs OpenMP, whose threads do not survive a fork.
+    Raises ``ModelUnavailable`` when the file does not load.
+    """
+    init_backend(quiet)
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.use_mmap = True
+    mparams.n_gpu_layers = 0
+    # repack: llama.cpp copies Q4_K weights into an interleaved layout (CPU_REPACK buffers)
+    # for faster AVX2/AVX-512 kernels. The copy is private anonymous memory in *each*
+    # process, next to the shared mmap (llama.cpp #16761). Off: every child computes
+    # straight from the one shared mapping.
+    mparams.use_extra_bufts = repack
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    if not model:
+        raise ModelUnavailable(f"llama.cpp could not load {model_path}")
+    return model
+
+
 class LlamaRuntime:
     """One mmap'd GGUF model and one decoding context.
 
@@ -103,19 +127,12 @@ class LlamaRuntime:
 
     def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 256,
                  n_ubatch: int = 128, n_seq_max: int = 1, lora_path: Path | None = None,
-                 embeddings: bool = False, repack: bool = True, quiet: bool = True):
+                 embeddings: bool = False, repack: bool = True, quiet: bool = True,
+                 model: Any = None):
         init_backend(quiet)
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.use_mmap = True
-        mparams.n_gpu_layers = 0
-        # repack: llama.cpp copies Q4_K weights into an interleaved layout (CPU_REPACK buffers)
-        # for faster AVX2/AVX-512 kernels. The copy is private anonymous memory in *each*
-        # process, next to the shared mmap (llama.cpp #16761). Off: every child computes
-        # straight from the one shared mapping.
-        mparams.use_extra_bufts = repack
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self.model:
-            raise ModelUnavailable(f"llama.cpp could not load {model_path}")
+        #: a model loaded by ``load_model`` (e.g. before fork) is shared and never freed here
+        self._owns_model = model is None
+        self.model = load_model(model_path, repack, quiet) if model is None else model
         self.vocab = Vocab(llama_cpp.llama_model_get_vocab(self.model))
         self.n_vocab = self.vocab.n_tokens
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
@@ -134,7 +151,8 @@ class LlamaRuntime:
             cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
+            if self._owns_model:
+                llama_cpp.llama_model_free(self.model)
             raise ModelUnavailable(f"llama.cpp could not create a context for {model_path}")
         self.adapter = None
         if lora_path is not None:
@@ -257,7 +275,8 @@ class LlamaRuntime:
             if hasattr(self, "_batch"):
                 llama_cpp.llama_batch_free(self._batch)  # adapters are freed with the model
             llama_cpp.llama_free(self.ctx)
-            llama_cpp.llama_model_free(self.model)
+            if self._owns_model:
+                llama_cpp.llama_model_free(self.model)
             self.ctx = None
 
     def __del__(self) -> None:

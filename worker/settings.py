@@ -79,6 +79,10 @@ class WorkerSettings(RedisConnection):
         "identifiers, prompt markers, instructions to the model) to the fallback route, flagged")
     cpu_repack: bool = Field(
         default=True, description="llama.cpp's repacked weights: faster, private copy per child")
+    preload_model: bool = Field(
+        default=False, description="load the model in the parent before the fork: children "
+        "share its structures copy-on-write and create only their contexts (less private "
+        "memory per child); turns cpu_repack off, since repacking runs OpenMP in the parent")
 
     # ---- observability -----------------------------------------------------------------------
     metrics_port: int = Field(

@@ -66,6 +66,8 @@ class ParentState:
     model: ModelSpec
     threads: ThreadPlan
     guard: InjectionGuard | None = None
+    #: llama.cpp's model pointer when ``preload_model`` loaded it before the fork
+    preloaded: Any = None
 
 
 @dataclass
@@ -102,7 +104,13 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
              downloaded=model.downloaded, seconds=round(model.seconds, 3),
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
     guard = InjectionGuard.for_taxonomy(taxonomy) if settings.injection_guard else None
-    _PARENT = ParentState(settings, taxonomy, model, threads, guard)
+    preloaded = None
+    if settings.preload_model:  # before the fork; repack off: no OpenMP in the parent
+        from worker.llama import load_model
+
+        preloaded = load_model(model.base, repack=False)
+        log.info("model_preloaded", base=str(model.base))
+    _PARENT = ParentState(settings, taxonomy, model, threads, guard, preloaded)
     return _PARENT
 
 
@@ -112,7 +120,8 @@ def init_child() -> ChildState:
     if _PARENT is None:
         raise ModelUnavailable("the worker parent did not acquire a model")
     parent, settings = _PARENT, _PARENT.settings
-    engine = build_engine(parent.model, parent.taxonomy, parent.threads.threads, settings)
+    engine = build_engine(parent.model, parent.taxonomy, parent.threads.threads, settings,
+                          parent.preloaded)
     publisher = ResultPublisher(settings.redis_client(),
                                 settings.results_maxlen, settings.dead_letter_maxlen,
                                 settings.result_marker_ttl_s)
@@ -128,8 +137,9 @@ def init_child() -> ChildState:
 
 
 def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
-                 settings: WorkerSettings) -> Any:
-    """A ``RoutingEngine`` for a resolved model (imports llama.cpp: call in a child only).
+                 settings: WorkerSettings, preloaded: Any = None) -> Any:
+    """A ``RoutingEngine`` for a resolved model (imports llama.cpp: call in a child, or in the
+    parent only through ``preload_model``). ``preloaded``: the parent's model pointer.
 
     A manifest's ``max_ticket_tokens`` and prompt style win over the settings: serving must see
     what training saw.
@@ -143,7 +153,7 @@ def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
                          n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                          adapter_path=spec.adapter, head=head,
                          prompt_style=spec.prompt_style,  # type: ignore[arg-type]
-                         repack=settings.cpu_repack)
+                         repack=settings.cpu_repack and preloaded is None, model=preloaded)
 
 
 def close_child() -> None:
