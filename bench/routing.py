@@ -246,11 +246,11 @@ def main() -> None:
                            max_tokens=article.max_new_tokens)
         systems["server"] = server.route
         if not args.fields:
+            from worker.llama import load_vocab
             from worker.prompt import build_prefix
 
-            vocab_rt = RoutingEngine(model, taxonomy, n_threads=1).runtime
-            longest = max(len(vocab_rt.tokenize(" " + label)) for label in taxonomy.label_names)
-            vocab_rt.close()
+            vocab = load_vocab(model)
+            longest = max(len(vocab.tokenize(" " + label)) for label in taxonomy.label_names)
             # its own server process: alternating two prompts on one server would evict the
             # other's prefix from its cache at every switch
             tuned = ServerWay(model, article.system, taxonomy.label_names, threads,

@@ -19,6 +19,7 @@ in the ticket, or" and "the issue in a few words".
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ def _runs(items: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(items[i:i + n]) for i in range(len(items) - n + 1)}
 
 
+@functools.lru_cache(maxsize=32)
+def _text_runs(text: str, n: int) -> frozenset[tuple[str, ...]]:
+    """The word runs of a text that does not change per ticket (the prompt): computed once."""
+    return frozenset(_runs(words(text), n))
+
+
 def echoes_prompt(value: str, prompt: str, ticket: str, run_words: int = 3) -> bool:
     """True when ``value`` repeats the prompt instead of the ticket: some run of
     ``min(run_words, len(words(value)))`` consecutive words of the value occurs in ``prompt``
@@ -49,7 +56,7 @@ def echoes_prompt(value: str, prompt: str, ticket: str, run_words: int = 3) -> b
         return False
     n = min(run_words, len(value_words))
     ticket_runs = _runs(words(ticket), n)
-    prompt_runs = _runs(words(prompt), n)
+    prompt_runs = _text_runs(prompt, n)
     return any(run in prompt_runs and run not in ticket_runs for run in _runs(value_words, n))
 
 
