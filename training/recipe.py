@@ -5,6 +5,8 @@
     OUT/manifest.json     what the worker loads (every file pinned by sha256)
     OUT/adapter.gguf      LoRA adapter (f16 GGUF), applied at load on the base Q4_K_M GGUF
     OUT/head.npz          the label head
+    OUT/<base>-<k>blocks.gguf   with ``recipe.layers = k``: the base model's first k blocks
+                          (``training.prune``), the manifest's base model
     OUT/eval.json, .md    validation metrics beside the TF-IDF baseline
     (manifest.json also carries the head's temperature and the threshold for
     ``recipe.precision_target``, fitted on the validation rows, figures out-of-fold:
@@ -22,7 +24,9 @@ from typing import Any
 from models.taxonomy import Taxonomy
 from training.export import convert_adapter, data_ref, write_manifest
 from training.finetune import ADAPTER_DIR, HEAD_FILE, FieldRows, Recipe, train
+from training.prune import prune_gguf, pruned_name
 from training.split import stratified_split
+from worker.acquire import sha256_file
 
 
 def read_labelled(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
@@ -50,8 +54,6 @@ def _init_ref(recipe: Recipe) -> dict[str, str]:
     """The sha256 of the adapter a continued run started from (``recipe.init_from``)."""
     if not recipe.init_from:
         return {}
-    from worker.acquire import sha256_file
-
     return {"init_from_adapter_sha256": sha256_file(Path(recipe.init_from) / "adapter.gguf")}
 
 
@@ -102,7 +104,12 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
               stop_after_steps=stop_after_steps, train_fields=train_fields)
     convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
     shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
-    report = evaluate_dir(out_dir, base_gguf, taxonomy, recipe, eval_rows, train_rows,
+    served_base, pruned = base_gguf, dict[str, str]()
+    if recipe.layers is not None:  # the base the adapter was trained on: its first k blocks
+        served_base = prune_gguf(base_gguf, out_dir / pruned_name(base_gguf, recipe.layers),
+                                 recipe.layers)
+        pruned = {"pruned_from_sha256": sha256_file(base_gguf)}
+    report = evaluate_dir(out_dir, served_base, taxonomy, recipe, eval_rows, train_rows,
                           f"{data.name} (stratified validation, seed {recipe.seed})",
                           available_cpus(), eval_fields)
     metrics: dict[str, Any] = {system: {k: v for k, v in report[system].items()
@@ -112,12 +119,13 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
         metrics["fields"] = report["fields"]
     train_info = json.loads((work / "train.json").read_text())
     path = write_manifest(
-        out_dir, name=out_dir.name, base_gguf=base_gguf, taxonomy=taxonomy,
+        out_dir, name=out_dir.name, base_gguf=served_base, taxonomy=taxonomy,
         adapter=out_dir / "adapter.gguf", head=out_dir / HEAD_FILE, decoder="head",
         prompt_style=recipe.prompt_style, max_ticket_tokens=recipe.max_ticket_tokens,
         data=data_ref(data, len(train_rows), len(eval_rows),
                       f"stratified {len(eval_rows)}/{len(rows)}, seed {recipe.seed}"),
-        recipe={**train_info["recipe"], **_init_ref(recipe), "train_seconds": train_info["seconds"],
+        recipe={**train_info["recipe"], **_init_ref(recipe), **pruned,
+                "train_seconds": train_info["seconds"],
                 "train_tokens": train_info["tokens"], "device": train_info["device"],
                 "threads": train_info["threads"]},
         metrics=metrics)
