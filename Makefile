@@ -54,7 +54,7 @@ train: install-train
 
 # Stage 2 (issue 12): continue from stage 1 with adversarial augmentation (the injection
 # corpus's train styles, gold label kept), 0.35 epoch over the rows plus as many injected
-# copies, lower learning rates (about 17 min on 2 CPU cores).
+# copies, lower learning rates (about 18 min on 2 CPU cores).
 train-robust: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 0.35 \
