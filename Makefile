@@ -11,6 +11,7 @@ WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
 STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
 .PHONY: install install-train demo demo-ecommerce test lint pytest schema train train-robust train-ecommerce injection \
+	train-pruned frontier \
 	eval eval-ecommerce bench faults clean chart
 
 install: $(STAMP)
@@ -59,6 +60,21 @@ train-robust: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 0.35 \
 	  --lora-lr 2e-4 --head-lr 1e-3
+
+# Pruned routers (issue 16): the base model's first K blocks, the shipped router's LoRA of those
+# blocks as the start, a new head, 1 epoch, distilled from the shipped router merged as the
+# fleet serves it (README, "Pruning and distillation"; K=9: about 30 min on 2 CPU cores).
+K ?= 9
+train-pruned: install-train
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out models/trained/banking77-gemma3-270m-$(K)blocks --layers $(K) --init-from $(ROUTER) \
+	  --epochs 1 --distill-from $$($(BIN)/python -c \
+	    "from thinfleet.demo import merged_router; print(merged_router())")
+
+# The pruning/distillation frontier table (README): every router under models/trained with
+# "blocks" in its name beside the shipped one, 1 and 2 threads, floors, and the fleet.
+frontier: install
+	$(BIN)/python -m bench.frontier --reps 5 --tickets 12 --fleet
 
 # Prompt injection, per style, against the shipped router (README, "Security").
 injection: install

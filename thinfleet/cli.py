@@ -286,7 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from thinfleet.demo import run_demo
 
     return run_demo(Path(args.sample) if args.sample else None, workers=args.concurrency,
-                    timeout_s=args.timeout_s, model=args.model, job=args.job)
+                    timeout_s=args.timeout_s, model=args.model, job=args.job,
+                    router=Path(args.router) if args.router else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shipped fine-tuned router merged to Q4_K_M (banking77's default), "
                    "the same router with its adapter applied at load (ecommerce's default), "
                    "or the bare base model")
+    p.add_argument("--router", help="another router manifest to serve instead of the job's "
+                   "shipped one, e.g. models/trained/banking77-gemma3-270m-9blocks/manifest.json")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -116,10 +116,12 @@ def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -
 
 
 def run_demo(sample: Path | None = None, workers: int = 2, timeout_s: float = 900.0,
-             model: str | None = None, job: str = "banking77") -> int:
+             model: str | None = None, job: str = "banking77", router: Path | None = None
+             ) -> int:
     """Run the demo of ``job`` (``JOBS``) on ``sample`` (default: the job's) with ``model``
-    (``shipped``, ``adapter`` or ``base``; default: the job's ``serve``); returns 0 when every
-    sample ticket reached a stream, 1 otherwise."""
+    (``shipped``, ``adapter`` or ``base``; default: the job's ``serve``) of ``router`` (a
+    manifest; default: the job's shipped router, e.g. a pruned one instead); returns 0 when
+    every sample ticket reached a stream, 1 otherwise."""
     import os
 
     from producer import Producer, ProducerSettings
@@ -136,7 +138,8 @@ def run_demo(sample: Path | None = None, workers: int = 2, timeout_s: float = 90
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(_redis(VAR / "redis"))
         endpoint = stack.enter_context(devstack.s3_server())
-        env = {**_upload_model(endpoint, model, spec.manifest), "THINFLEET_REDIS_URL": redis_url,
+        env = {**_upload_model(endpoint, model, router or spec.manifest),
+               "THINFLEET_REDIS_URL": redis_url,
                "THINFLEET_S3_ENDPOINT_URL": endpoint,
                "THINFLEET_MODEL_CACHE_DIR": str((VAR / "cache").resolve()),
                "THINFLEET_TAXONOMY": spec.taxonomy, "THINFLEET_METRICS_PORT": "0"}

@@ -183,8 +183,8 @@ class RouterModel:
         """Start from a trained router: its GGUF LoRA adapter (``adapter.gguf``, read with
         gguf-py and mapped back to the PEFT parameters: ``blk.N.attn_q.weight.lora_a`` ->
         ``layers.N.self_attn.q_proj.lora_A``) and its head (``head.npz``). ``pruned`` (this
-        model keeps fewer blocks than the router): the adapter's matrices of the kept blocks
-        only, and no head, since the head reads another layer's output. Raises ``ValueError``
+        model keeps another number of blocks than the router): the adapter's matrices of the
+        kept blocks only, and no head, since the head reads another layer's output. Raises ``ValueError``
         when the rank, a module or the labels differ."""
         import gguf
         import torch
@@ -266,6 +266,16 @@ class RouterModel:
     def logits(self, batch_ids: list[list[int]]) -> Any:
         """Head logits ``[batch, n_labels]``."""
         return self.head(self.features(batch_ids))
+
+
+def router_layers(router_dir: Path) -> int | None:
+    """The ``recipe.layers`` a trained router was trained with (None: every block, or no
+    manifest to tell)."""
+    manifest = router_dir / "manifest.json"
+    if not manifest.exists():
+        return None
+    layers = json.loads(manifest.read_text()).get("recipe", {}).get("layers")
+    return int(layers) if layers is not None else None
 
 
 def truncate_blocks(causal: Any, layers: int) -> None:
@@ -442,7 +452,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
     if recipe.init_from:
         model.load_router(Path(recipe.init_from), taxonomy.label_names,
-                          pruned=recipe.layers is not None)
+                          pruned=router_layers(Path(recipe.init_from)) != recipe.layers)
     lora_params = [p for p in model.peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": recipe.lora_lr},
