@@ -13,7 +13,9 @@ child count (alternating, so drift hits both alike):
 * **latency**: per ticket, the task's own wall time as the worker records it (``total_ms``:
   validate, prompt, head, publish), and enqueue-to-result for the burst;
 * **memory**: RSS, PSS and private memory of each child after the burst, from
-  ``/proc/PID/smaps_rollup``; the PSS an extra child adds is total PSS(2) - total PSS(1);
+  ``/proc/PID/smaps_rollup``; the PSS an extra child adds is total PSS(2) - total PSS(1), of
+  the children and of the whole worker (parent included: a new child takes over part of the
+  parent's share of the shared pages, which the children-only figure counts as added);
 * **Redis cost**: ``CONFIG RESETSTAT`` before the burst and ``INFO commandstats`` after it:
   Redis commands and Redis CPU (the commands' own execution time, ``usec``) per ticket, for
   everything that ran (producer, broker, worker, results, the bench's own stream reads), and
@@ -157,6 +159,10 @@ def main() -> None:
                         add(children, name, value)
                     pss = [devstack.memory_of(pid) for pid in worker.child_pids()]
                     add(children, "pss_total_mib", sum(m["pss_kib"] for m in pss) / 1024)
+                    # with the parent: a preloaded parent holds the model's structures, and a
+                    # new child takes over part of the parent's share of the shared pages
+                    add(children, "pss_fleet_mib", (devstack.memory_of(worker.proc.pid)["pss_kib"]
+                                                    + sum(m["pss_kib"] for m in pss)) / 1024)
                     add(children, "pss_child_mib", statistics.mean(m["pss_kib"] for m in pss) / 1024)
                     add(children, "rss_child_mib", statistics.mean(m["rss_kib"] for m in pss) / 1024)
                     # Private_Dirty: the child's own anonymous memory (Private_Clean would also
@@ -190,8 +196,9 @@ def main() -> None:
               f"{row['redis_usec_per_ticket']:.0f} | {top} |")
     if len(med) >= 2:
         a, b = sorted(med)[:2]
-        print(f"\nPSS added by child {b} (total PSS({b}) - total PSS({a})): "
-              f"{med[b]['pss_total_mib'] - med[a]['pss_total_mib']:.0f} MiB")
+        print(f"\nPSS added by child {b} (children's total PSS({b}) - ({a})): "
+              f"{med[b]['pss_total_mib'] - med[a]['pss_total_mib']:.0f} MiB; parent and "
+              f"children: {med[b]['pss_fleet_mib'] - med[a]['pss_fleet_mib']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({str(c): r for c, r in med.items()}, indent=2))
 
