@@ -28,7 +28,7 @@ def test_no_genuine_validation_ticket_is_flagged() -> None:
 def test_every_attack_style_is_flagged_and_no_control(style: dict[str, str]) -> None:
     text = inject("My transfer has not arrived yet.", style, "card_arrival",
                   "Where is my new card?")
-    if style["kind"] == "control":
+    if style["kind"] == "control" or style.get("guard") is False:  # content, or plain language
         assert GUARD.signals(text) == []
     else:
         assert GUARD.signals(text), text

@@ -37,7 +37,8 @@ VALIDATION = Path("data/banking77/validation.csv")
 
 
 def load_corpus(path: Path = CORPUS) -> list[dict[str, str]]:
-    """The corpus's styles (``name``, ``split``, ``kind``, ``where``, ``template``)."""
+    """The corpus's styles (``name``, ``split``, ``kind``, ``where``, ``template``, and
+    ``guard: false`` for plain-language styles the guard does not flag)."""
     return list(yaml.safe_load(path.read_text())["styles"])
 
 
