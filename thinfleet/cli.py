@@ -371,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add this share of training rows again with an injection of a train "
                         "style of data/injection/corpus.yaml, gold label kept (issue 12)")
     p.add_argument("--init-from", help="start from a trained router directory (adapter.gguf, "
-                                       "head.npz) instead of zeros (with --layers: the kept "
-                                       "blocks' adapter, a new head)")
+                                       "head.npz) instead of zeros (a router of another depth "
+                                       "than --layers: its kept blocks' adapter, a new head)")
     p.add_argument("--layers", type=int,
                    help="layer pruning: keep the first LAYERS transformer blocks; the manifest "
                         "serves a GGUF with that many blocks (issue 16)")
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the same router with its adapter applied at load (ecommerce's default), "
                    "or the bare base model")
     p.add_argument("--router", help="another router manifest to serve instead of the job's "
-                   "shipped one, e.g. models/trained/banking77-gemma3-270m-9blocks/manifest.json")
+                   "shipped one, e.g. models/trained/banking77-gemma3-270m-12blocks/manifest.json")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -184,8 +184,8 @@ class RouterModel:
         gguf-py and mapped back to the PEFT parameters: ``blk.N.attn_q.weight.lora_a`` ->
         ``layers.N.self_attn.q_proj.lora_A``) and its head (``head.npz``). ``pruned`` (this
         model keeps another number of blocks than the router): the adapter's matrices of the
-        kept blocks only, and no head, since the head reads another layer's output. Raises ``ValueError``
-        when the rank, a module or the labels differ."""
+        kept blocks only, and no head, since the head reads another layer's output. Raises
+        ``ValueError`` when the rank, a module or the labels differ."""
         import gguf
         import torch
 
