@@ -30,6 +30,63 @@ _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 _BACKEND_READY = False
 
 
+def _ggml_library() -> ctypes.CDLL:
+    """ggml's C library as llama-cpp-python ships it (for the tensor accessors ``_HiddenTap``
+    needs: ``ggml_get_name``, ``ggml_nelements``, ``ggml_backend_tensor_get``)."""
+    from llama_cpp._ggml import libggml  # the library llama_cpp itself links against
+
+    libggml.ggml_get_name.restype = ctypes.c_char_p
+    libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    libggml.ggml_nelements.restype = ctypes.c_int64
+    libggml.ggml_nelements.argtypes = [ctypes.c_void_p]
+    libggml.ggml_backend_tensor_get.restype = None
+    libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                ctypes.c_size_t]
+    return libggml
+
+
+_GGML = _ggml_library()
+
+
+class _HiddenTap:
+    """llama.cpp's graph-evaluation callback (``cb_eval``), used to read the final hidden
+    state and skip the output layer.
+
+    The router needs the last token's final-normed hidden state (the graph tensor llama.cpp
+    names ``result_norm``, ``[n_embd, n_outputs]``), never its logits. While ``armed``, the
+    callback asks the scheduler to stop at ``result_norm``, copies its last row and returns
+    ``False``, which ends the graph's computation there (ggml_backend_sched: "if the callback
+    returns false, the computation is aborted"), so the 262k-row output layer (Gemma 3's tied
+    embedding, about 170 MB of weights to stream per output row) is never run. The KV-cache
+    writes of every layer come before ``result_norm`` in the graph, so they are done.
+    Unarmed, it asks for nothing and the graph runs whole (one Python call per graph node:
+    about 0.5 ms a decode, measured). Works on any backend (the row is copied with
+    ``ggml_backend_tensor_get``).
+    """
+
+    NAME = b"result_norm"
+
+    def __init__(self, n_embd: int):
+        self.n_embd = n_embd
+        self.armed = False
+        self.hidden: npt.NDArray[np.float32] | None = None
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+
+    def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
+        if not self.armed or _GGML.ggml_get_name(tensor) != self.NAME:
+            return False
+        if ask:
+            return True
+        n = int(_GGML.ggml_nelements(tensor))
+        if n < self.n_embd:  # a micro-batch without the output row: compute on
+            return True
+        row = np.empty(self.n_embd, dtype=np.float32)
+        offset_b = (n - self.n_embd) * 4  # the last output row (f32)
+        _GGML.ggml_backend_tensor_get(tensor, row.ctypes.data, offset_b, self.n_embd * 4)
+        self.hidden = row
+        return False  # stop here: the output layer is not computed
+
+
 def init_backend(quiet: bool) -> None:
     """Initialise llama.cpp once per process; ``quiet`` silences its log (first call decides)."""
     global _BACKEND_READY
@@ -147,8 +204,11 @@ class LlamaRuntime:
         cparams.kv_unified = True
         cparams.no_perf = True
         cparams.embeddings = embeddings
-        if embeddings:
+        #: reads the hidden state for ``decode_hidden`` (only when ``embeddings``)
+        self._tap = _HiddenTap(self.n_embd) if embeddings else None
+        if self._tap is not None:
             cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+            cparams.cb_eval = self._tap.callback
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             if self._owns_model:
@@ -166,9 +226,9 @@ class LlamaRuntime:
                 self.close()
                 raise ModelUnavailable(f"llama.cpp refused the LoRA adapter {lora_path}")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
-        # Embeddings mode is switched on only for the one token whose hidden state is read
-        # (``decode_hidden``): with it on, llama.cpp outputs every token of a batch, so the
-        # 262k-row output layer ran for every ticket token (issue 16: 155 vs 75 ms a ticket).
+        # Embeddings mode stays off (``decode_hidden`` reads the hidden state through the tap):
+        # with it on, llama.cpp outputs every token of a batch, so the 262k-row output layer
+        # ran for every ticket token (issue 16: 155 vs 75 ms a ticket).
         self.embeddings = embeddings
         if embeddings:
             llama_cpp.llama_set_embeddings(self.ctx, False)
@@ -196,6 +256,8 @@ class LlamaRuntime:
         """Append ``tokens`` to sequence ``seq_id`` at positions ``pos0...``; return the logits
         after the last token (a view of shape ``[n_vocab]``, valid until the next decode).
 
+        Only the last token is an output: chunks before it (``n_batch`` tokens each) are
+        decoded without any, so the output layer runs once per call.
         Raises ``RuntimeError`` when llama.cpp fails to find KV space or to compute.
         """
         if not tokens:
@@ -210,7 +272,8 @@ class LlamaRuntime:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq_id
                 batch.logits[i] = 0
-            batch.logits[len(chunk) - 1] = 1
+            if start + len(chunk) == len(tokens):
+                batch.logits[len(chunk) - 1] = 1
             status = llama_cpp.llama_decode(self.ctx, batch)
             if status != 0:
                 raise RuntimeError(f"llama_decode returned {status}")
@@ -222,24 +285,25 @@ class LlamaRuntime:
         """Append ``tokens`` like ``decode`` and return the final hidden state (after the
         output norm) of the last one, shape ``[n_embd]`` (a copy).
 
-        All but the last token are decoded with embeddings off (one output row, as ``decode``);
-        the last alone with them on. The result equals one decode in embeddings mode up to
-        float rounding (llama.cpp's CPU kernels differ by batch size: a 1-row matmul is not
-        bit-identical to a row of a larger one): the same label on every ticket of the shipped
-        router's validation split and confidences within 0.016 (``bench.embeddings_tax``), at
-        about two thirds of the cost.
-        Needs ``embeddings=True``; raises ``RuntimeError`` as ``decode`` does.
+        One decode, embeddings mode off, the last token the only output; the graph stops at
+        the hidden state (``_HiddenTap``), so the output layer never runs and the logits of
+        this call are not valid. Equal to one decode in embeddings mode up to float rounding
+        (llama.cpp's CPU kernels differ by batch size: a 1-row matmul is not bit-identical to
+        a row of a larger one): max abs difference 6e-7 on a probe, the same labels on the
+        router's validation split (``bench.embeddings_tax``), at about a third of its cost.
+        Needs ``embeddings=True``; raises ``RuntimeError`` as ``decode`` does, or when the
+        model's graph has no ``result_norm`` tensor.
         """
-        if not self.embeddings:
+        if self._tap is None:
             raise RuntimeError("no embeddings: the runtime was created without embeddings=True")
-        if len(tokens) > 1:
-            self.decode(tokens[:-1], pos0, seq_id)
-        llama_cpp.llama_set_embeddings(self.ctx, True)
+        self._tap.armed, self._tap.hidden = True, None
         try:
-            self.decode(tokens[-1:], pos0 + len(tokens) - 1, seq_id)
-            return self.embedding()
+            self.decode(tokens, pos0, seq_id)
         finally:
-            llama_cpp.llama_set_embeddings(self.ctx, False)
+            self._tap.armed = False
+        if self._tap.hidden is None:
+            raise RuntimeError("llama.cpp's graph produced no result_norm tensor to read")
+        return self._tap.hidden
 
     def decode_all_outputs(self, tokens: list[int], pos0: int) -> npt.NDArray[np.float32]:
         """The old, taxed path: one decode of ``tokens`` with embeddings on (every token of the
