@@ -58,7 +58,7 @@ class MultiSeqRouter:
         """Labels of ``texts`` from one ``llama_decode`` (sequences 1..len(texts))."""
         rt, base = self.rt, len(self.prefix_ids)
         batch = rt._batch
-        n, last = 0, []
+        n = 0
         for seq, text in enumerate(texts, start=1):
             ids, _ = self.encode(rt.tokenize, text, None, self.max_ticket_tokens)
             for i, token in enumerate(ids):
@@ -68,16 +68,11 @@ class MultiSeqRouter:
                 batch.seq_id[n][0] = seq
                 batch.logits[n] = 1 if i == len(ids) - 1 else 0
                 n += 1
-            last.append(n - 1)
         batch.n_tokens = n
         try:
-            if llama_cpp.llama_decode(rt.ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            labels = []
-            for index in last:
-                ptr = llama_cpp.llama_get_embeddings_ith(rt.ctx, index)
-                hidden = np.ctypeslib.as_array(ptr, shape=(rt.n_embd,)).copy()
-                labels.append(self.head.labels[int(np.argmax(self.head.probabilities(hidden)))])
+            hidden_rows = rt.decode_batch_hidden()  # one row per ticket, in batch order
+            labels = [self.head.labels[int(np.argmax(self.head.probabilities(hidden)))]
+                      for hidden in hidden_rows]
         finally:
             for seq in range(1, len(texts) + 1):
                 rt.forget(seq, base)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class _HiddenTap:
 
     The router needs the last token's final-normed hidden state (the graph tensor llama.cpp
     names ``result_norm``, ``[n_embd, n_outputs]``), never its logits. While ``armed``, the
-    callback asks the scheduler to stop at ``result_norm``, copies its last row and returns
+    callback asks the scheduler to stop at ``result_norm``, copies its rows and returns
     ``False``, which ends the graph's computation there (ggml_backend_sched: "if the callback
     returns false, the computation is aborted"), so the 262k-row output layer (Gemma 3's tied
     embedding, about 170 MB of weights to stream per output row) is never run. The KV-cache
@@ -69,7 +70,8 @@ class _HiddenTap:
     def __init__(self, n_embd: int):
         self.n_embd = n_embd
         self.armed = False
-        self.hidden: npt.NDArray[np.float32] | None = None
+        #: the output rows of the last armed decode, ``[n_outputs, n_embd]`` float32
+        self.rows: npt.NDArray[np.float32] | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
     def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
@@ -78,12 +80,11 @@ class _HiddenTap:
         if ask:
             return True
         n = int(_GGML.ggml_nelements(tensor))
-        if n < self.n_embd:  # a micro-batch without the output row: compute on
+        if n < self.n_embd:  # a micro-batch without output rows: compute on
             return True
-        row = np.empty(self.n_embd, dtype=np.float32)
-        offset_b = (n - self.n_embd) * 4  # the last output row (f32)
-        _GGML.ggml_backend_tensor_get(tensor, row.ctypes.data, offset_b, self.n_embd * 4)
-        self.hidden = row
+        rows = np.empty((n // self.n_embd, self.n_embd), dtype=np.float32)
+        _GGML.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
+        self.rows = rows
         return False  # stop here: the output layer is not computed
 
 
@@ -260,6 +261,17 @@ class LlamaRuntime:
         decoded without any, so the output layer runs once per call.
         Raises ``RuntimeError`` when llama.cpp fails to find KV space or to compute.
         """
+        self._decode(tokens, pos0, seq_id, output_last=True)
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def prefill(self, tokens: list[int], pos0: int, seq_id: int = 0) -> None:
+        """Append ``tokens`` to the KV cache with no output row at all: the tokens through the
+        model's blocks and nothing else (a prefix to keep; the floor of a label-head router,
+        ``bench.routing.measure_floor``). Raises ``RuntimeError`` as ``decode`` does."""
+        self._decode(tokens, pos0, seq_id, output_last=False)
+
+    def _decode(self, tokens: list[int], pos0: int, seq_id: int, output_last: bool) -> None:
         if not tokens:
             raise ValueError("decode needs at least one token")
         batch = self._batch
@@ -272,13 +284,11 @@ class LlamaRuntime:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq_id
                 batch.logits[i] = 0
-            if start + len(chunk) == len(tokens):
+            if output_last and start + len(chunk) == len(tokens):
                 batch.logits[len(chunk) - 1] = 1
             status = llama_cpp.llama_decode(self.ctx, batch)
             if status != 0:
                 raise RuntimeError(f"llama_decode returned {status}")
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def decode_hidden(self, tokens: list[int], pos0: int, seq_id: int = 0
                       ) -> npt.NDArray[np.float32]:
@@ -288,22 +298,37 @@ class LlamaRuntime:
         One decode, embeddings mode off, the last token the only output; the graph stops at
         the hidden state (``_HiddenTap``), so the output layer never runs and the logits of
         this call are not valid. Equal to one decode in embeddings mode up to float rounding
-        (llama.cpp's CPU kernels differ by batch size: a 1-row matmul is not bit-identical to
-        a row of a larger one): max abs difference 6e-7 on a probe, the same labels on the
-        router's validation split (``bench.embeddings_tax``), at about a third of its cost.
+        (only the last block's feed-forward runs on the output row alone): on the router's
+        1,001 validation tickets the same labels and confidences within 3e-7, at 2.4-3.6x
+        less time (``bench.embeddings_tax``).
         Needs ``embeddings=True``; raises ``RuntimeError`` as ``decode`` does, or when the
         model's graph has no ``result_norm`` tensor.
         """
-        if self._tap is None:
+        return self._read_hidden(lambda: self._decode(tokens, pos0, seq_id, output_last=True))[-1]
+
+    def decode_batch_hidden(self) -> npt.NDArray[np.float32]:
+        """Decode the caller-filled batch ``self._batch`` (several sequences at once, its
+        ``logits`` flags marking the output rows) and return the final hidden states of its
+        output rows in batch order, shape ``[n_outputs, n_embd]``; no output layer, as
+        ``decode_hidden``. For micro-batching (``bench.microbatch``). Raises as
+        ``decode_hidden``."""
+        def run() -> None:
+            if llama_cpp.llama_decode(self.ctx, self._batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        return self._read_hidden(run)
+
+    def _read_hidden(self, run: Callable[[], None]) -> npt.NDArray[np.float32]:
+        tap = self._tap
+        if tap is None:
             raise RuntimeError("no embeddings: the runtime was created without embeddings=True")
-        self._tap.armed, self._tap.hidden = True, None
+        tap.armed, tap.rows = True, None
         try:
-            self.decode(tokens, pos0, seq_id)
+            run()
         finally:
-            self._tap.armed = False
-        if self._tap.hidden is None:
+            tap.armed = False
+        if tap.rows is None:
             raise RuntimeError("llama.cpp's graph produced no result_norm tensor to read")
-        return self._tap.hidden
+        return tap.rows
 
     def decode_all_outputs(self, tokens: list[int], pos0: int) -> npt.NDArray[np.float32]:
         """The old, taxed path: one decode of ``tokens`` with embeddings on (every token of the
