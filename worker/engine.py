@@ -131,7 +131,11 @@ class RoutingEngine:
         # Size the context from the prompt: tokenize with a vocab-only pass would cost a second
         # model load, so over-allocate from character counts (>= 1 char per token) instead.
         prefix_text = build_prefix(taxonomy, prompt_style)
-        answer_budget = 64 + sum(f.max_tokens + 16 for f in taxonomy.fields)
+        # A label head reads the ticket's last hidden state and decodes nothing more unless
+        # there are fields; the trie decodes the label. KV cells not needed are memory each
+        # child writes (llama.cpp clears the cache), 18 KiB a cell for Gemma 3 270M.
+        answer_budget = ((0 if head is not None else 64)
+                         + sum(f.max_tokens + 16 for f in taxonomy.fields))
         n_ctx = len(prefix_text) + max_ticket_tokens + answer_budget + 64
         self.runtime = LlamaRuntime(model_path, n_ctx=n_ctx, n_threads=n_threads,
                                     n_batch=n_batch, n_ubatch=n_ubatch, lora_path=adapter_path,
@@ -150,7 +154,7 @@ class RoutingEngine:
         #: what the model saw besides the ticket: a free field may not repeat it
         self.prompt_text = " ".join([prefix_text, LABEL_CUE,
                                      *(field_cue(f.name) for f in taxonomy.fields)])
-        rt.decode(self.prefix_ids, 0)  # the prefix cache: evaluated once, kept in place
+        rt.prefill(self.prefix_ids, 0)  # the prefix cache: evaluated once, kept in place
         self.prefix_len = len(self.prefix_ids)
         self.load_ms = (time.perf_counter() - started) * 1000
 

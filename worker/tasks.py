@@ -24,6 +24,7 @@ Nothing is acked without a result or a dead-letter entry.
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
         preloaded = load_model(model.base, repack=False)
         log.info("model_preloaded", base=str(model.base))
     _PARENT = ParentState(settings, taxonomy, model, threads, guard, preloaded)
+    # Python's advice for fork without exec (the gc module's docs): objects the parent made
+    # are moved out of the collector's reach, so a child's collections do not write to their
+    # headers and turn the shared pages they sit on into private copies.
+    gc.freeze()
     return _PARENT
 
 
