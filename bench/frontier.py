@@ -4,9 +4,9 @@ Each router (``NAME=manifest.json``; default: the shipped router and every
 ``models/trained/*-blocks*`` router) is served the way the fleet serves it: merged into its
 base and quantized to Q4_K_M (``thinfleet merge``, cached under ``var/merged/``). In one
 process, per repetition, every router routes the same tickets in turn, at 1 and at 2 threads
-(systems alternating, so drift hits them alike), and each model's **floor** (its ticket tokens at
-its own prompt speed plus one decode step, ``bench.routing.measure_floor``) is measured beside
-it. Reported per router: blocks, GGUF size, median p50 ms per ticket at 1 and 2 threads,
+(systems alternating, so drift hits them alike), and each model's **floor** (the same tickets'
+tokens through its blocks, no output row: ``bench.routing.measure_floor``'s label-head floor)
+is measured beside it. Reported per router: blocks, GGUF size, median p50 ms per ticket at 1 and 2 threads,
 × its floor, validation accuracy / macro-F1 and ECE (temperature-scaled, out-of-fold) from its
 manifest (measured by ``thinfleet train`` through the worker's engine with the adapter applied
 at load), and, with ``--fleet``, tickets/s per core through the whole fleet (``bench.fleet``, 2
@@ -65,6 +65,7 @@ def main() -> None:
     from thinfleet.devstack import stage_model_dir
     from training.prune import block_count
     from worker.acquire import resolve_model
+    from worker.prompt import encode_ticket
     from worker.settings import WorkerSettings
     from worker.tasks import build_engine
 
@@ -86,7 +87,7 @@ def main() -> None:
                              cache_dir=settings.model_cache_dir)
         for threads in (1, 2):
             engines[(name, threads)] = build_engine(spec, taxonomy, threads, settings)
-        model = engines[(name, 1)].runtime
+        engine = engines[(name, 1)]
         base_file = staged.parent / Manifest.model_validate_json(staged.read_text()).base_model.path
         metrics = source.metrics.get("model", {})
         info[name] = {
@@ -96,7 +97,8 @@ def main() -> None:
             "ece": source.calibration.ece_after if source.calibration else None,
             "coverage_99": metrics.get("coverage_at_precision", {}).get("0.99"),
             "distilled": bool(source.recipe.get("distill_from")),
-            "ticket_tokens": [len(model.tokenize(f"Ticket: {t}")) + 3 for t in tickets]}
+            "ticket_ids": [encode_ticket(engine.runtime.tokenize, t, None,
+                                         engine.max_ticket_tokens)[0] for t in tickets]}
     runs: dict[tuple[str, int | str], list[float]] = {}
     for engine in engines.values():  # warm-up, not timed
         engine.route(tickets[0])
@@ -106,9 +108,9 @@ def main() -> None:
                 statistics.median(run_system(engine.route, tickets)))
         for name, row in info.items():
             for threads in (1, 2):
-                speed, step_ms = measure_floor(row["model_file"], threads)
-                runs.setdefault((name, f"floor{threads}"), []).append(statistics.median(
-                    n / speed * 1000 + step_ms for n in row["ticket_tokens"]))
+                _, blocks_only = measure_floor(row["model_file"], threads, row["ticket_ids"])
+                runs.setdefault((name, f"floor{threads}"), []).append(
+                    statistics.median(blocks_only))
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{name}@{t} {runs[(name, t)][-1]:.0f} ms" for name, t in engines), flush=True)
     for engine in engines.values():
@@ -142,7 +144,7 @@ def main() -> None:
               f"{ece} | {pct(row['coverage_99'])} |")
     if args.json:
         args.json.write_text(json.dumps({n: {k: v for k, v in r.items() if k not in (
-            "model_file", "ticket_tokens")} for n, r in info.items()}, indent=2, default=str))
+            "model_file", "ticket_ids")} for n, r in info.items()}, indent=2, default=str))
 
 
 if __name__ == "__main__":

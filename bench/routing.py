@@ -18,11 +18,14 @@ Systems (each repetition runs them in turn, A/B/C/D, so drift hits them alike):
 * ``trie``      thinfleet's engine with the base model: prefix cache + label trie;
 * ``head``      thinfleet's engine with the shipped fine-tuned router: compact prefix cache +
                 LoRA adapter + label head (one forward pass, no decoding);
-* ``floor``     the ticket's own tokens at llama.cpp's measured prompt speed plus one decode
-                step (measured in the same run): no routing can be cheaper on this hardware.
+* ``floor``     each ticket's own tokens in one ``llama_decode`` with one logits row (measured
+                in the same run): no generating system can be cheaper on this hardware;
+* ``floor_head`` each ticket's own tokens through the model's blocks, no output row at all: no
+                label-head router can be cheaper (``measure_floor``).
 
 Reported: median over repetitions of each run's p50 and p95 per-ticket latency, tickets/s
-(1 / mean latency, one thread of work), and ratios to the article's way and to the floor.
+(1 / mean latency, one thread of work), and ratios to the article's way and to each system's
+floor (``floor_head`` for label-head routers, ``floor`` for the rest).
 
     .venv/bin/python -m bench.routing --reps 5 --tickets 12
 """
@@ -179,23 +182,31 @@ class ServerWay:
         self._log.close()
 
 
-def measure_floor(model: Path, threads: int) -> tuple[float, float]:
-    """(prompt tokens per second on a 128-token batch, ms of one single-token decode step)."""
+def measure_floor(model: Path, threads: int, tickets: list[list[int]]
+                  ) -> tuple[list[float], list[float]]:
+    """Each ticket's floor on ``model``, ms: (its tokens decoded with one logits row, the least
+    a generating system needs for its first answer token; its tokens through the blocks with
+    no output row at all, ``LlamaRuntime.prefill``, the least a label-head router needs).
+
+    ``tickets``: token ids of each ticket's part of the prompt. Each is decoded after the BOS
+    token alone, in one ``llama_decode`` like the engines' own, and then dropped.
+    """
     from worker.llama import LlamaRuntime
 
     rt = LlamaRuntime(model, n_ctx=1024, n_threads=threads, n_batch=256, n_ubatch=128)
-    tokens = rt.tokenize("my card payment was declined at the shop yesterday " * 20)[:128]
-    speeds, steps = [], []
-    for _ in range(3):
-        rt.clear()
+    rt.prefill([rt.bos], 0)
+    with_logits, blocks_only = [], []
+    for ids in tickets:
         started = time.perf_counter()
-        rt.decode(tokens, 0)
-        speeds.append(len(tokens) / (time.perf_counter() - started))
+        rt.decode(ids, 1)
+        with_logits.append((time.perf_counter() - started) * 1000)
+        rt.forget(0, 1)
         started = time.perf_counter()
-        rt.decode([tokens[0]], len(tokens))
-        steps.append((time.perf_counter() - started) * 1000)
+        rt.prefill(ids, 1)
+        blocks_only.append((time.perf_counter() - started) * 1000)
+        rt.forget(0, 1)
     rt.close()
-    return statistics.median(speeds), statistics.median(steps)
+    return with_logits, blocks_only
 
 
 def run_system(route: Callable[[str], object], tickets: list[str]) -> list[float]:
@@ -268,15 +279,18 @@ def main() -> None:
                              taxonomy_sha256=pinned_sha256,
                              cache_dir=WorkerSettings().model_cache_dir)
         systems[name] = build_engine(spec, taxonomy, threads, WorkerSettings()).route
-    ticket_tokens = [len(trie.runtime.tokenize(f"Ticket: {t}")) + 3 for t in tickets]
-    runs: dict[str, list[list[float]]] = {name: [] for name in [*systems, "floor"]}
+    from worker.prompt import encode_ticket
+
+    ticket_ids = [encode_ticket(trie.runtime.tokenize, t, None, 256)[0] for t in tickets]
+    runs: dict[str, list[list[float]]] = {name: [] for name in [*systems, "floor", "floor_head"]}
     for route in systems.values():  # warm-up, not timed
         route(tickets[0])
     for rep in range(args.reps):
         for name, route in systems.items():
             runs[name].append(run_system(route, tickets))
-        speed, step_ms = measure_floor(model, threads)
-        runs["floor"].append([n / speed * 1000 + step_ms for n in ticket_tokens])
+        with_logits, blocks_only = measure_floor(model, threads, ticket_ids)
+        runs["floor"].append(with_logits)
+        runs["floor_head"].append(blocks_only)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{k} p50 {statistics.median(v[-1]):.0f} ms" for k, v in runs.items()), flush=True)
 
@@ -293,12 +307,13 @@ def main() -> None:
     print(f"\n{len(tickets)} Banking77 tickets, {args.reps} repetitions, {threads} threads, "
           f"{'fields ' + ', '.join(field_names) if field_names else 'label-only'}, "
           f"median of per-run figures\n")
-    print("| system | p50 ms | p95 ms | tickets/s | speed-up vs article | × floor |")
+    print("| system | p50 ms | p95 ms | tickets/s | speed-up vs article | × its floor |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, row in table.items():
+        floor = table["floor_head" if name in heads or name == "floor_head" else "floor"]
         print(f"| {name} | {row['p50']:.0f} | {row['p95']:.0f} | {row['tps']:.2f} | "
               f"{table['article']['mean'] / row['mean']:.1f}× | "
-              f"{row['mean'] / table['floor']['mean']:.2f} |")
+              f"{row['mean'] / floor['mean']:.2f} |")
 
 
 if __name__ == "__main__":
