@@ -36,8 +36,7 @@ def main() -> None:
     hf.config.architectures = [type(hf).__name__]
     plain = LlamaRuntime(base, n_ctx=256, n_threads=2, embeddings=True)
     ids = plain.tokenize(TEXT, add_bos=True)
-    plain.decode(ids, 0)
-    cpp_base = plain.embedding()
+    cpp_base = plain.decode_hidden(ids, 0)
     with torch.no_grad():
         hf_base = hf.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].numpy()
     peft = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
@@ -50,8 +49,7 @@ def main() -> None:
         save_base_config(hf.config, work / "base-config")
         adapter = convert_adapter(work / "adapter-hf", work / "base-config", work / "a.gguf")
         lora = LlamaRuntime(base, n_ctx=256, n_threads=2, lora_path=adapter, embeddings=True)
-        lora.decode(ids, 0)
-        cpp_lora = lora.embedding()
+        cpp_lora = lora.decode_hidden(ids, 0)
     with torch.no_grad():
         hf_lora = peft.base_model.model.model(
             input_ids=torch.tensor([ids])).last_hidden_state[0, -1].numpy()

@@ -48,9 +48,10 @@ def test_manifest_model_routes_with_its_head(tmp_path: Path, model_file: Path) -
     engine = build_engine(spec, taxonomy, 2, WorkerSettings())
     try:
         outcome = engine.route("I am still waiting on my card?")
-        hidden = engine.runtime.embedding()  # the last token's final hidden state
+        hidden = engine.runtime.last_hidden  # the last token's final hidden state
     finally:
         engine.close()
+    assert hidden is not None
     assert hidden.shape == (640,) and np.isfinite(hidden).all() and np.linalg.norm(hidden) > 1
     expected = np.exp(5.0) / (np.exp(5.0) + len(taxonomy.labels) - 1)
     assert outcome.label == taxonomy.label_names[1]

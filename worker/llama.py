@@ -306,6 +306,12 @@ class LlamaRuntime:
         """
         return self._read_hidden(lambda: self._decode(tokens, pos0, seq_id, output_last=True))[-1]
 
+    @property
+    def last_hidden(self) -> npt.NDArray[np.float32] | None:
+        """The hidden state the last ``decode_hidden`` read, ``[n_embd]``; None before one."""
+        rows = self._tap.rows if self._tap is not None else None
+        return None if rows is None else rows[-1]
+
     def decode_batch_hidden(self) -> npt.NDArray[np.float32]:
         """Decode the caller-filled batch ``self._batch`` (several sequences at once, its
         ``logits`` flags marking the output rows) and return the final hidden states of its
