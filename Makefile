@@ -112,6 +112,7 @@ lint: install
 # The speed tables in the README (each takes minutes; run them on an otherwise idle machine).
 bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.embeddings_tax --tickets 1001 --threads 2
 	$(BIN)/python -m bench.routing --reps 5 --tickets 12
 	$(BIN)/python -m bench.fleet --reps 5 --tickets 60
 
