@@ -136,3 +136,20 @@ def test_hidden_state_over_several_batches_and_then_logits(model_file: Path) -> 
     finally:
         tapped.close()
         plain.close()
+
+
+def test_head_the_model_cannot_serve_is_refused_at_boot(model_file: Path) -> None:
+    """A label head of another width (e.g. trained for another base) stops the worker's boot
+    with the reason, instead of failing every ticket."""
+    import numpy as np
+
+    from models.errors import ModelUnavailable
+    from worker.engine import LabelHead
+
+    taxonomy = load_taxonomy("banking77")
+    n = len(taxonomy.label_names)
+    head = LabelHead(np.zeros((n, 320), np.float32), np.zeros(n, np.float32),
+                     list(taxonomy.label_names))
+    with pytest.raises(ModelUnavailable, match="320-wide"):
+        RoutingEngine(model_file, taxonomy, n_threads=2, head=head, prompt_style="compact",
+                      max_ticket_tokens=64)

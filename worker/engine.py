@@ -156,7 +156,31 @@ class RoutingEngine:
                                      *(field_cue(f.name) for f in taxonomy.fields)])
         rt.prefill(self.prefix_ids, 0)  # the prefix cache: evaluated once, kept in place
         self.prefix_len = len(self.prefix_ids)
+        if head is not None:
+            try:
+                self._check_head(head)
+            except ModelUnavailable:
+                rt.close()
+                raise
         self.load_ms = (time.perf_counter() - started) * 1000
+
+    def _check_head(self, head: LabelHead) -> None:
+        """Refuse to boot, rather than fail every ticket, when the head cannot be served: its
+        width is not the model's, or llama.cpp's graph gives no hidden state to read (the tap
+        looks for the tensor llama.cpp names ``result_norm``). One short decode, then
+        dropped. Raises ``ModelUnavailable``."""
+        rt = self.runtime
+        if head.weight.shape[1] != rt.n_embd:
+            raise ModelUnavailable(f"the label head reads {head.weight.shape[1]}-wide hidden "
+                                   f"states, the model's are {rt.n_embd}")
+        try:
+            hidden = rt.decode_hidden(self.label_cue_ids, self.prefix_len)
+        except RuntimeError as exc:
+            raise ModelUnavailable(f"cannot read the model's hidden state: {exc}") from exc
+        finally:
+            rt.forget(0, self.prefix_len)
+        if not np.isfinite(hidden).all():
+            raise ModelUnavailable("the model's hidden state is not finite")
 
     def route(self, text: str, subject: str | None = None) -> RouteOutcome:
         """Route one ticket's text. Always returns one of the taxonomy's labels.
