@@ -233,10 +233,26 @@ def test_worker_serves_a_manifest_from_s3_and_refuses_a_foreign_one(
     assert "trained for taxonomy banking77" in refused.log_text()
 
 
+def test_loading_the_model_starts_no_thread(model_file: Path) -> None:
+    """``preload_model`` loads the model in the worker parent, before Celery forks: that load,
+    llama.cpp's weight repacking included, must start no thread (an OpenMP team in the parent
+    would not survive the fork)."""
+    code = ("import sys; from pathlib import Path\n"
+            "def threads(): return next(int(line.split()[1]) for line in open('/proc/self/status')"
+            " if line.startswith('Threads:'))\n"
+            "from worker.llama import load_model\n"
+            "before = threads(); load_model(Path(sys.argv[1]), repack=True)\n"
+            "print(before, threads())")
+    done = subprocess.run([sys.executable, "-c", code, str(model_file)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    before, after = done.stdout.split()
+    assert after == before
+
+
 def test_a_model_preloaded_before_the_fork_serves_every_child(
         redis_url: str, s3_endpoint: str, model_uri: str, model_sha: str, tmp_path: Path) -> None:
-    """``preload_model``: the parent loads the model, two forked children route with it (no
-    OpenMP state crosses the fork: repack is off) and route every ticket to a valid label."""
+    """``preload_model``: the parent loads the model (repacked weights included), two forked
+    children route with it and route every ticket to a valid label."""
     db = redis_url.rsplit("/", 1)[0] + "/7"
     redis.Redis.from_url(db).flushdb()
     env = worker_env(db, s3_endpoint, model_uri, model_sha, tmp_path / "cache",

@@ -151,8 +151,10 @@ def load_model(model_path: Path, repack: bool, quiet: bool = True) -> Any:
 
     For ``preload_model``: the worker parent calls it before Celery forks the children, which
     then share the model's structures (vocabulary, tensor metadata) copy-on-write instead of
-    each building its own, and create only their contexts (``LlamaRuntime(model=...)``). Use
-    ``repack=False`` there: repacking runs OpenMP, whose threads do not survive a fork.
+    each building its own, and create only their contexts (``LlamaRuntime(model=...)``).
+    The load, repacking included, starts no thread (``tests/test_fleet.py`` checks it: an
+    OpenMP team would not survive the fork), so the parent may repack and the children share
+    the repacked copy too; OpenMP first runs at a child's first decode.
     Raises ``ModelUnavailable`` when the file does not load.
     """
     init_backend(quiet)

@@ -80,9 +80,9 @@ class WorkerSettings(RedisConnection):
     cpu_repack: bool = Field(
         default=True, description="llama.cpp's repacked weights: faster, private copy per child")
     preload_model: bool = Field(
-        default=False, description="load the model in the parent before the fork: children "
-        "share its structures copy-on-write and create only their contexts (less private "
-        "memory per child); turns cpu_repack off, since repacking runs OpenMP in the parent")
+        default=True, description="load the model in the parent before the fork: children "
+        "share its structures and repacked weights copy-on-write and create only their "
+        "contexts (34 vs 99 MiB private per child, same speed); false: each child loads it")
 
     # ---- observability -----------------------------------------------------------------------
     metrics_port: int = Field(

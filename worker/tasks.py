@@ -106,10 +106,10 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
     guard = InjectionGuard.for_taxonomy(taxonomy) if settings.injection_guard else None
     preloaded = None
-    if settings.preload_model:  # before the fork; repack off: no OpenMP in the parent
+    if settings.preload_model:  # before the fork (the load starts no thread: no OpenMP)
         from worker.llama import load_model
 
-        preloaded = load_model(model.base, repack=False)
+        preloaded = load_model(model.base, repack=settings.cpu_repack)
         log.info("model_preloaded", base=str(model.base))
     _PARENT = ParentState(settings, taxonomy, model, threads, guard, preloaded)
     # Python's advice for fork without exec (the gc module's docs): objects the parent made
