@@ -56,13 +56,14 @@ class _HiddenTap:
     The router needs the last token's final-normed hidden state (the graph tensor llama.cpp
     names ``result_norm``, ``[n_embd, n_outputs]``), never its logits. While ``armed``, the
     callback asks the scheduler to stop at ``result_norm``, copies its rows and returns
-    ``False``, which ends the graph's computation there (ggml_backend_sched: "if the callback
-    returns false, the computation is aborted"), so the 262k-row output layer (Gemma 3's tied
+    ``False``, which ends the graph's computation there (ggml-backend.h: "if the user returns
+    false, the scheduler will cancel the graph compute"), so the 262k-row output layer (Gemma 3's tied
     embedding, about 170 MB of weights to stream per output row) is never run. The KV-cache
     writes of every layer come before ``result_norm`` in the graph, so they are done.
-    Unarmed, it asks for nothing and the graph runs whole (one Python call per graph node:
-    about 0.5 ms a decode, measured). Works on any backend (the row is copied with
-    ``ggml_backend_tensor_get``).
+    Unarmed, it asks for nothing and the graph runs whole. Either way it is one Python call
+    per graph node: an armed decode measured within 1-5 % of a decode of the same tokens with
+    no output row at all (``bench.routing``'s label-head floor). Works on any backend (the
+    rows are copied with ``ggml_backend_tensor_get``).
     """
 
     NAME = b"result_norm"
