@@ -232,8 +232,8 @@ class LlamaRuntime:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         # Embeddings mode stays off (``decode_hidden`` reads the hidden state through the tap):
         # with it on, llama.cpp outputs every token of a batch, so the 262k-row output layer
-        # ran for every ticket token (issue 16: 155 vs 75 ms a ticket).
-        self.embeddings = embeddings
+        # ran for every ticket token (issue 16: 155 vs 75 ms a ticket). It is created on so
+        # that ``decode_all_outputs`` (the benchmark's taxed path) can switch it back on.
         if embeddings:
             llama_cpp.llama_set_embeddings(self.ctx, False)
         self.n_batch = n_batch

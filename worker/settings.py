@@ -78,7 +78,8 @@ class WorkerSettings(RedisConnection):
         default=True, description="send tickets that try to choose their route (label "
         "identifiers, prompt markers, instructions to the model) to the fallback route, flagged")
     cpu_repack: bool = Field(
-        default=True, description="llama.cpp's repacked weights: faster, private copy per child")
+        default=True, description="llama.cpp's repacked weights: faster kernels; a copy in "
+        "the process that loads the model (shared by the children when preloaded)")
     preload_model: bool = Field(
         default=True, description="load the model in the parent before the fork: children "
         "share its structures and repacked weights copy-on-write and create only their "
