@@ -101,7 +101,9 @@ class RoutedResult(BaseModel):
     the taxonomy's ``fallback_route`` when confidence is below its threshold (``status``
     ``"fallback"``). ``fields`` holds the taxonomy's extraction fields, if it asks for any.
     ``flags`` lists why a ticket was held back regardless of confidence, e.g.
-    ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``.
+    ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``;
+    ``injection:redacted`` beside them says that its ``label``, ``confidence`` and ``fields`` were
+    read from the ticket without the flagged sentences (``InjectionGuard.screen``).
     ``rejected_fields`` names the generated fields whose value repeated the prompt instead of the
     ticket (``worker.spans.echoes_prompt``); they read ``Unknown``.
     """

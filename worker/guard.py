@@ -20,6 +20,15 @@ A ticket with any signal is routed to the taxonomy's fallback route with ``statu
 "fallback"`` and the signals in the result's ``flags``; its label and confidence are still
 reported. The rules were written from these principles, not fitted to the evaluation styles of
 ``data/injection/corpus.yaml`` (``thinfleet injection`` measures them on both splits).
+
+**Redaction** (``screen``): the label the human sees is read from the ticket *without* the
+flagged text, so the prompt's markers, the label identifiers and the instructions never reach
+the ticket span the model reads (the issue's "escaping" defence). The unit removed is the
+sentence, line or bracketed group holding a match (boundaries: a newline, or ``.``, ``!``,
+``?`` or a closing ``]``, ``)``, ``}``, ``>`` before whitespace), since the attacker's sentence is
+the attack; when that would leave nothing (a
+ticket with no punctuation, one run-on sentence), only the matched words go. A genuine ticket
+is never changed: it has no signal.
 """
 
 from __future__ import annotations
@@ -53,6 +62,53 @@ _INSTRUCTION = re.compile(
     re.IGNORECASE)
 
 
+#: the flag a result carries when its label was read from the redacted ticket
+REDACTED_FLAG = "injection:redacted"
+
+#: where a unit of text ends (a line, a sentence, a bracketed or markup group): the places a
+#: removal may start or stop
+_BOUNDARY = re.compile(r"\n|(?<=[.!?\])}>])\s")
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A ticket after the guard: ``text``/``subject`` with the flagged sentences removed
+    (unchanged when ``signals`` is empty), the signals (``InjectionGuard.signals``' order) and
+    how many characters were removed."""
+
+    text: str
+    subject: str | None
+    signals: list[str]
+    removed_chars: int = 0
+
+    @property
+    def redacted(self) -> bool:
+        """Whether the redaction changed the ticket (flagged, and something removed)."""
+        return bool(self.signals) and self.removed_chars > 0
+
+
+def _redact(body: str, spans: list[tuple[int, int]]) -> str:
+    """``body`` without the sentences or lines holding ``spans`` (``[start, end)`` character
+    offsets); only the spans themselves when the sentences are all there is."""
+    if not spans:
+        return body
+    cuts = [0, *(m.end() for m in _BOUNDARY.finditer(body)), len(body)]
+    keep = [True] * len(body)
+    for start, end in spans:
+        while start < end and body[start].isspace():  # a rule may match the space before
+            start += 1
+        left = max(c for c in cuts if c <= start)
+        right = min((c for c in cuts if c >= end), default=len(body))
+        keep[left:right] = [False] * (right - left)
+    out = "".join(ch for ch, kept in zip(body, keep, strict=True) if kept)
+    if out.strip():
+        return " ".join(out.split())
+    keep = [True] * len(body)
+    for start, end in spans:
+        keep[start:end] = [False] * (end - start)
+    return " ".join("".join(ch for ch, kept in zip(body, keep, strict=True) if kept).split())
+
+
 @dataclass(frozen=True)
 class InjectionGuard:
     """The guard for one taxonomy (compiled once per worker). ``signals`` is pure."""
@@ -67,14 +123,33 @@ class InjectionGuard:
                               + r")(?![A-Za-z0-9])", re.IGNORECASE) if identifiers else None)
         return cls(pattern)
 
+    def _rules(self) -> list[tuple[str, re.Pattern[str]]]:
+        rules = [("injection:prompt_marker", _PROMPT_MARKER), ("injection:instruction", _INSTRUCTION)]
+        if self.label_identifiers is not None:
+            rules.insert(0, ("injection:label_identifier", self.label_identifiers))
+        return rules
+
     def signals(self, text: str, subject: str | None = None) -> list[str]:
         """The injection signals in a ticket (empty for a genuine one), in a fixed order."""
         body = f"{subject}\n{text}" if subject else text
-        found = []
-        if self.label_identifiers is not None and self.label_identifiers.search(body):
-            found.append("injection:label_identifier")
-        if _PROMPT_MARKER.search(body):
-            found.append("injection:prompt_marker")
-        if _INSTRUCTION.search(body):
-            found.append("injection:instruction")
-        return found
+        return [name for name, rule in self._rules() if rule.search(body)]
+
+    def screen(self, text: str, subject: str | None = None) -> Screened:
+        """The ticket to route: the signals, and ``text`` and ``subject`` each without the
+        sentences that carry a match (the module's "Redaction"). A part left empty by the
+        redaction keeps its original text (the ticket still goes to the fallback route,
+        flagged). Pure; costs a few regex scans of the ticket."""
+        signals = self.signals(text, subject)
+        if not signals:
+            return Screened(text, subject, [])
+        parts = []
+        for part in (text, subject):
+            if not part:
+                parts.append(part)
+                continue
+            spans = [m.span() for _, rule in self._rules() for m in rule.finditer(part)]
+            cleaned = _redact(part, spans)
+            parts.append(cleaned if cleaned.strip() else part)
+        new_text, new_subject = parts[0] or text, parts[1]
+        removed = len(text) + len(subject or "") - len(new_text) - len(new_subject or "")
+        return Screened(new_text, new_subject, signals, max(0, removed))

@@ -77,6 +77,10 @@ class WorkerSettings(RedisConnection):
     injection_guard: bool = Field(
         default=True, description="send tickets that try to choose their route (label "
         "identifiers, prompt markers, instructions to the model) to the fallback route, flagged")
+    injection_redact: bool = Field(
+        default=True, description="with the guard on: read a flagged ticket's label from its "
+        "text without the flagged sentences, so the attacker's words never reach the model "
+        "(the label the fallback route's human sees); false: from the text as sent")
     cpu_repack: bool = Field(
         default=True, description="llama.cpp's repacked weights: faster kernels; a copy in "
         "the process that loads the model (shared by the children when preloaded)")

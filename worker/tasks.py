@@ -52,7 +52,7 @@ from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
 from worker.acquire import ModelSpec, resolve_from_settings
 from worker.cpus import ThreadPlan, plan_threads
-from worker.guard import InjectionGuard
+from worker.guard import REDACTED_FLAG, InjectionGuard, Screened
 from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
 
@@ -289,15 +289,23 @@ def validate(payload: Any, max_ticket_bytes: int) -> TicketEvent:
 def route_event(state: ChildState, event: TicketEvent, attempt: int, started: float,
                 node: str | None = None) -> RoutedResult:
     """Run the engine on a validated ticket and build its ``RoutedResult``."""
-    outcome = state.engine.route(event.text, event.subject)
+    guard, settings = state.parent.guard, state.parent.settings
+    screened = (guard.screen(event.text, event.subject) if guard is not None
+                else Screened(event.text, event.subject, []))
+    flags = screened.signals
+    if screened.redacted and settings.injection_redact:
+        # the attacker's sentences never reach the model
+        outcome = state.engine.route(screened.text, screened.subject)
+        flags = [*flags, REDACTED_FLAG]
+    else:
+        outcome = state.engine.route(event.text, event.subject)
     taxonomy = state.parent.taxonomy
     route, fallback = taxonomy.route_for(outcome.label, outcome.confidence,
                                          model_threshold=state.parent.model.threshold)
-    guard = state.parent.guard
-    flags = guard.signals(event.text, event.subject) if guard is not None else []
     if flags:  # the ticket tried to choose its route: a human decides (worker.guard)
         route, fallback = taxonomy.fallback_route, True
-        log.warning("injection_suspected", flags=flags, label=outcome.label)
+        log.warning("injection_suspected", flags=flags, label=outcome.label,
+                    redacted_chars=screened.removed_chars if REDACTED_FLAG in flags else 0)
     queue_wait_ms = None
     if event.enqueued_at is not None:
         enqueued = event.enqueued_at if event.enqueued_at.tzinfo else event.enqueued_at.replace(
