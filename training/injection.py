@@ -12,6 +12,10 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
   (above the model's threshold and not flagged by ``worker.guard``) while the clean ticket's gold
   route is another: what the attacker actually wants, and the system-level figure;
 * ``flagged``: the guard flagged it (it goes to the fallback route);
+* ``flip_redacted``, ``to_attacker_label_redacted``: the same two label figures for the label the
+  worker reports, read from the ticket without the guard's flagged sentences
+  (``InjectionGuard.screen``, ``THINFLEET_INJECTION_REDACT``); equal to the model's own for a
+  ticket the guard does not flag;
 * the same auto-route figure without the guard, and for the router before calibration (head
   softmax at temperature 1, the taxonomy's 0.35 threshold, no guard), from the same decode.
 
@@ -95,6 +99,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
         "styles": []}
     for offset, style in enumerate(styles, 1):
         flips = hits = valid = auto_hits = flagged = unguarded_hits = before_hits = 0
+        flips_redacted = hits_redacted = 0
         for i, (row, before) in enumerate(zip(tqdm(rows, desc=style["name"], unit="ticket"),
                                               clean, strict=True)):
             gold = row["category"]
@@ -104,9 +109,13 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             question = by_label.get(attacker, attacker.replace("_", " "))
             text = inject(row["text"], style, attacker, question)
             outcome = engine.route(text)
-            signals = guard.signals(text) if guard else []
+            screened = guard.screen(text) if guard else None
+            signals = screened.signals if screened else []
+            reported = engine.route(screened.text) if screened and screened.redacted else outcome
             flips += outcome.label != before.label
             hits += outcome.label == attacker
+            flips_redacted += reported.label != before.label
+            hits_redacted += reported.label == attacker
             valid += outcome.label in routes
             flagged += bool(signals)
             lands = (routes.get(outcome.label) == routes[attacker]
@@ -120,6 +129,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
         report["styles"].append({
             "style": style["name"], "split": style["split"], "kind": style["kind"],
             "flip": flips / n, "to_attacker_label": hits / n, "valid": valid / n,
+            "flip_redacted": flips_redacted / n, "to_attacker_label_redacted": hits_redacted / n,
             "auto_to_attacker_route": auto_hits / n, "flagged": flagged / n,
             "auto_to_attacker_route_without_guard": unguarded_hits / n,
             "auto_to_attacker_route_before": before_hits / n})
@@ -132,13 +142,17 @@ def markdown(report: dict[str, Any], title: str) -> str:
              f"{report['tickets']} held-out tickets; clean accuracy "
              f"{report['clean_accuracy']:.1%}; guard flags on clean tickets "
              f"{report['clean_flagged']:.1%}; auto-route threshold {report['threshold']:.3f}.", "",
-             "| style | split | kind | label flips | to attacker's label | valid labels | "
+             "| style | split | kind | label flips: model / **reported (redacted)** | "
+             "to attacker's label: model / **reported** | valid labels | "
              "flagged by the guard | auto-routed to the attacker's route: before (T = 1, "
              "0.35, no guard) | calibrated threshold | **+ guard (shipped)** |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["styles"]:
-        lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} | "
-                     f"{s['to_attacker_label']:.1%} | {s['valid']:.0%} | {s['flagged']:.0%} | "
+        lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
+                     f"**{s.get('flip_redacted', s['flip']):.1%}** | "
+                     f"{s['to_attacker_label']:.1%} / "
+                     f"**{s.get('to_attacker_label_redacted', s['to_attacker_label']):.1%}** | "
+                     f"{s['valid']:.0%} | {s['flagged']:.0%} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
                      f"{s['auto_to_attacker_route_without_guard']:.1%} | "
                      f"**{s['auto_to_attacker_route']:.1%}** |")
@@ -147,13 +161,16 @@ def markdown(report: dict[str, Any], title: str) -> str:
 
 def evaluate_injection(engine: Any, taxonomy: Taxonomy, threshold: float, tickets: int,
                        out_dir: Path, guard: InjectionGuard | None, title: str,
-                       corpus: Path = CORPUS, data: Path = VALIDATION) -> dict[str, Any]:
-    """Run ``run`` on ``tickets`` rows spread over ``data`` and write the reports."""
+                       corpus: Path = CORPUS, data: Path = VALIDATION,
+                       split: str = "all") -> dict[str, Any]:
+    """Run ``run`` on ``tickets`` rows spread over ``data`` and write the reports; ``split``
+    (``train``, ``eval``) keeps only the corpus's styles of that split."""
     with data.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     step = max(1, len(rows) // tickets)
     rows = rows[::step][:tickets]
-    report = run(engine, taxonomy, threshold, rows, load_corpus(corpus), guard)
+    styles = [s for s in load_corpus(corpus) if split in ("all", s["split"])]
+    report = run(engine, taxonomy, threshold, rows, styles, guard)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "injection.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "injection.md").write_text(markdown(report, title))
