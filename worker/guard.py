@@ -26,13 +26,15 @@ flagged text, so the prompt's markers, the label identifiers and the instruction
 the ticket span the model reads (the issue's "escaping" defence). The unit removed is the
 sentence, line or bracketed group holding a match (boundaries: a newline, or ``.``, ``!``,
 ``?`` or a closing ``]``, ``)``, ``}``, ``>`` before whitespace), since the attacker's sentence is
-the attack; when that would leave nothing (a
+the attack; an attack at the ticket's very start or end that runs into a sentence of the
+customer's takes only its own part of it (``_redact``); when the removal would leave nothing (a
 ticket with no punctuation, one run-on sentence), only the matched words go. A genuine ticket
 is never changed: it has no signal.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -87,22 +89,56 @@ class Screened:
         return bool(self.signals) and self.removed_chars > 0
 
 
+#: a match within this many words of the ticket's start is an attack written there...
+EDGE_WORDS = 3
+#: ...and at least this many words after it in the same sentence are the customer's
+CUSTOMER_WORDS = 6
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
 def _redact(body: str, spans: list[tuple[int, int]]) -> str:
-    """``body`` without the sentences or lines holding ``spans`` (``[start, end)`` character
-    offsets); only the spans themselves when the sentences are all there is."""
+    """``body`` without the units (sentences, lines, bracketed groups) holding ``spans``
+    (``[start, end)`` character offsets), whitespace folded.
+
+    Two exceptions keep the customer's words where an attack shares a unit with them:
+
+    * an attack prepended with no end of its own (``#card_arrival #urgent My card…``): when a
+      unit's matches start within ``EDGE_WORDS`` words of the ticket's start and at least
+      ``CUSTOMER_WORDS`` words follow them in the unit (or the unit is the whole ticket), only
+      the text up to the last match goes (words of the attack after it may stay);
+    * an attack appended to a ticket that is one unsentenced run (``my card is late pls file
+      under card_arrival``): the text from the first match on goes.
+
+    When the removal would leave nothing, only the spans themselves go. Known limits: an
+    appended attack on a ticket of several sentences without a final full stop takes the last
+    sentence with it; a prepended one-sentence attack of ``CUSTOMER_WORDS`` words or more after
+    its last match keeps those words.
+    """
     if not spans:
         return body
-    cuts = [0, *(m.end() for m in _BOUNDARY.finditer(body)), len(body)]
+    spans = [(start + len(body[start:end]) - len(body[start:end].lstrip()), end)
+             for start, end in spans]  # a rule may match the space before its words
+    cuts = sorted({0, *(m.end() for m in _BOUNDARY.finditer(body)), len(body)})
     keep = [True] * len(body)
-    for start, end in spans:
-        while start < end and body[start].isspace():  # a rule may match the space before
-            start += 1
-        left = max(c for c in cuts if c <= start)
-        right = min((c for c in cuts if c >= end), default=len(body))
-        keep[left:right] = [False] * (right - left)
-    out = "".join(ch for ch, kept in zip(body, keep, strict=True) if kept)
-    if out.strip():
-        return " ".join(out.split())
+    for unit_start, unit_end in itertools.pairwise(cuts):
+        inside = [(s, e) for s, e in spans if unit_start <= s < unit_end]
+        if not inside:
+            continue
+        first, last = min(s for s, _ in inside), max(e for _, e in inside)
+        low, high = unit_start, min(c for c in cuts if c >= last)  # a match may cross a cut
+        opens, closes = not body[:unit_start].strip(), not body[high:].strip()
+        if opens and _words(body[unit_start:first]) <= EDGE_WORDS and (
+                closes or _words(body[last:high]) >= CUSTOMER_WORDS):
+            high = last  # prepended, running into the first sentence
+        elif opens and closes:
+            low = first  # appended to a ticket that is one run
+        keep[low:high] = [False] * (high - low)
+    out = " ".join("".join(ch for ch, kept in zip(body, keep, strict=True) if kept).split())
+    if out:
+        return out
     keep = [True] * len(body)
     for start, end in spans:
         keep[start:end] = [False] * (end - start)
