@@ -49,14 +49,17 @@ class DataRef(BaseModel):
 
 class Calibration(BaseModel):
     """Temperature scaling of the label head (Guo et al. 2017, arXiv:1706.04599), fitted by NLL
-    on rows that did not train the model. ``scheme`` says which rows and how the reported
-    figures were kept out of the fit; ``ece_before``/``ece_after`` are on rows not used to fit
-    (15 equal-width bins)."""
+    on rows that did not train the model, then (``method: temperature+beta``) beta calibration
+    of the top label's probability (Kull et al. 2017; ``beta = [a, b, c]``, a, b >= 0,
+    ``worker.engine.beta_map``), fitted on the same rows. ``scheme`` says which rows and how the
+    reported figures were kept out of the fit; ``ece_before``/``ece_after`` are on rows not used
+    to fit (15 equal-width bins)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["temperature"] = "temperature"
+    method: Literal["temperature", "temperature+beta"] = "temperature"
     temperature: float = Field(gt=0)
+    beta: list[float] | None = Field(default=None, min_length=3, max_length=3)
     fitted_on: str
     rows: int = Field(ge=1)
     scheme: str

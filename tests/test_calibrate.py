@@ -10,9 +10,11 @@ import pytest
 
 from models import load_taxonomy
 from models.manifest import Manifest
+from models.errors import ModelUnavailable
 from training.calibrate import (
     cross_fit,
     expected_calibration_error,
+    fit_beta,
     fit_temperature,
     risk_coverage,
     softmax,
@@ -39,6 +41,37 @@ def test_temperature_scaling_recovers_the_true_temperature_and_keeps_the_argmax(
     after = expected_calibration_error(correct, softmax(scores, t).max(1))
     assert after < 0.03 < before
     assert (softmax(scores, t).argmax(1) == scores.argmax(1)).all()
+
+
+def test_beta_calibration_recovers_a_known_map_and_never_reorders() -> None:
+    from worker.engine import beta_map
+
+    rng = np.random.default_rng(1)
+    confidence = rng.beta(5, 1.2, 20000)  # a router's top-label confidences, mostly high
+    true = (2.0, 0.6, 0.4)
+    correct = rng.random(confidence.size) < beta_map(confidence, true)
+    a, b, c = fit_beta(confidence, correct)
+    mapped = beta_map(confidence, (a, b, c))
+    assert np.abs(mapped - beta_map(confidence, true)).max() < 0.03  # the map, not its (a, b, c)
+    assert (np.argsort(mapped, kind="stable") == np.argsort(confidence, kind="stable")).all()
+    before = expected_calibration_error(correct, confidence)
+    assert expected_calibration_error(correct, mapped) < 0.01 < before
+    # a map that would decrease somewhere is refitted without that feature (a, b >= 0)
+    flat = rng.random(confidence.size) < 0.9
+    assert min(fit_beta(confidence, flat)[:2]) >= 0.0
+    with pytest.raises(ValueError, match="both right and wrong"):
+        fit_beta(confidence, np.ones(confidence.size, dtype=bool))
+
+
+def test_a_head_refuses_a_decreasing_beta_map(tmp_path: Path) -> None:
+    from worker.engine import LabelHead
+
+    np.savez(tmp_path / "head.npz", weight=np.zeros((2, 4), np.float32),
+             bias=np.zeros(2, np.float32), labels=np.array(["a", "b"]))
+    assert LabelHead.load(tmp_path / "head.npz", 0.7, (1.0, 0.5, 0.1)).confidence(0.9) == (
+        pytest.approx(1 / (1 + np.exp(-(0.1 + np.log(0.9) - 0.5 * np.log(0.1))))))
+    with pytest.raises(ModelUnavailable, match="beta"):
+        LabelHead.load(tmp_path / "head.npz", 0.7, (-1.0, 0.5, 0.1))
 
 
 def test_risk_coverage_and_the_precision_threshold() -> None:
@@ -107,7 +140,11 @@ def test_calibrate_writes_temperature_and_threshold_the_worker_serves(
         outcome = engine.route("where is my card")
     finally:
         engine.close()
-    expected = float(softmax(scores[:1], t).max())
+    assert stored.calibration.method == "temperature+beta" and stored.calibration.beta
+    assert spec.beta == pytest.approx(tuple(stored.calibration.beta))
+    from worker.engine import beta_map
+
+    expected = float(beta_map(softmax(scores[:1], t).max(), spec.beta))
     assert outcome.label == labels[1]
     assert outcome.confidence == pytest.approx(expected, abs=1e-4)
     assert outcome.confidence == pytest.approx(0.6, abs=0.05)  # what 60 % right should say

@@ -8,7 +8,7 @@
     thinfleet results  [--follow] [--dead-letter] print stream entries as JSON lines
     thinfleet route    TEXT --wait                enqueue and wait for the routed result
     thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
-    thinfleet calibrate --manifest M --precision P  fit temperature and threshold into M
+    thinfleet calibrate --manifest M --precision P  fit the calibration and threshold into M
     thinfleet injection --manifest M              prompt injection per style, with the guard
     thinfleet demo                                the whole fleet on real Banking77 tickets
 
@@ -233,7 +233,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     manifest = Path(args.manifest)
     rows = read_labelled(Path(args.data), args.text_column, args.label_column)
     summary = calibrate_manifest(manifest, load_taxonomy(args.taxonomy), rows, Path(args.data),
-                                 args.precision, folds=args.folds, out=Path(args.out or manifest))
+                                 args.precision, folds=args.folds, out=Path(args.out or manifest),
+                                 beta=not args.no_beta)
     _print_json(summary)
     return 0
 
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taxonomy", default="banking77")
     p.add_argument("--precision", type=float, default=0.98, help="precision target, e.g. 0.98")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the figures")
+    p.add_argument("--no-beta", action="store_true",
+                   help="temperature only (no beta map of the top label's confidence)")
     p.add_argument("--out", help="where to write the manifest (default: in place)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -5,6 +5,15 @@ meets a stated precision.
   arXiv:1706.04599): one scalar ``T`` divides the label head's scores before the softmax,
   fitted by minimising the negative log-likelihood on rows that neither trained the model nor
   score it. The argmax, and so accuracy, cannot change.
+* **Beta calibration** of the top label's confidence (Kull, Silva Filho and Flach 2017, "Beyond
+  sigmoids: How to obtain well-calibrated probabilities from binary classifiers with beta
+  calibration", Electron. J. Statist. 11(2)), after the temperature: a 3-parameter map
+  ``σ(c + a·ln p − b·ln(1 − p))`` fitted by logistic regression of "the label was right" on
+  ``ln p`` and ``−ln(1 − p)``. With ``a, b >= 0`` (the paper's procedure refits without a feature
+  whose coefficient comes out negative) it is increasing, so it changes no ranking: accuracy,
+  AURC and the set of tickets above a threshold stay; only what the confidence says changes.
+  It calibrates exactly what the worker routes on (the top label's confidence), where one
+  temperature must fit all 77 labels' probabilities at once.
 * **Risk–coverage** (Geifman & El-Yaniv 2017, "Selective Classification for Deep Neural
   Networks", arXiv:1705.08500): sort tickets by confidence; coverage is the share auto-routed
   above a threshold, risk the error rate among them. AURC is the mean risk over every coverage
@@ -74,6 +83,41 @@ def expected_calibration_error(correct: npt.NDArray[np.bool_], confidence: Float
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
+
+
+def fit_beta(confidence: Floats, correct: npt.NDArray[np.bool_]) -> tuple[float, float, float]:
+    """Beta calibration ``(a, b, c)`` of top-label ``confidence`` ``[n]`` against ``correct``
+    ``[n]`` (module doc), by maximum likelihood (scikit-learn's logistic regression, no
+    penalty). A feature whose coefficient comes out negative is dropped and the rest refitted
+    (Kull et al. 2017, §3.3). Raises ``ValueError`` unless both outcomes occur."""
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.engine import BETA_EPS
+
+    if correct.all() or not correct.any():
+        raise ValueError("beta calibration needs both right and wrong labels to fit on")
+    p = np.clip(np.asarray(confidence, dtype=np.float64), BETA_EPS, 1 - BETA_EPS)
+    features = np.c_[np.log(p), -np.log1p(-p)]
+    keep = [0, 1]
+    while True:
+        fit = LogisticRegression(C=np.inf, max_iter=1000).fit(features[:, keep], correct)
+        coef = dict(zip(keep, fit.coef_[0], strict=True))
+        negative = [k for k in keep if coef[k] < 0]
+        if not negative or len(keep) == 1:
+            break
+        keep = [k for k in keep if k != min(negative, key=lambda k: coef[k])]
+    return (max(0.0, float(coef.get(0, 0.0))), max(0.0, float(coef.get(1, 0.0))),
+            float(fit.intercept_[0]))
+
+
+def calibrated_confidence(scores: Floats, temperature: float,
+                          beta: tuple[float, float, float] | None) -> Floats:
+    """The worker's confidence for raw head ``scores`` ``[n, k]``: the top temperature-scaled
+    probability, through ``worker.engine.beta_map`` when ``beta`` is given; ``[n]``."""
+    from worker.engine import beta_map
+
+    top = softmax(scores, temperature).max(axis=1)
+    return beta_map(top, beta) if beta is not None else top
 
 
 @dataclass(frozen=True)
@@ -150,30 +194,35 @@ def stratified_folds(gold: npt.NDArray[np.int64], folds: int, seed: int) -> npt.
 @dataclass(frozen=True)
 class CrossFit:
     """Out-of-fold figures: each row's calibrated confidence and auto-route decision came from
-    a temperature and threshold fitted without it."""
+    a calibration (temperature, and beta map with ``beta``) and threshold fitted without it."""
 
     confidence: Floats
     routed: npt.NDArray[np.bool_]
     temperatures: list[float]
     thresholds: list[float]
+    betas: list[tuple[float, float, float]]
 
 
 def cross_fit(scores: Floats, gold: npt.NDArray[np.int64], target: float, folds: int = 5,
-              seed: int = 13) -> CrossFit:
-    """Fit ``T`` and the ``target`` threshold on K-1 folds, apply both to the held-out fold."""
+              seed: int = 13, beta: bool = True) -> CrossFit:
+    """Fit ``T`` (then, with ``beta``, the beta map) and the ``target`` threshold on K-1 folds,
+    apply them to the held-out fold."""
     fold = stratified_folds(gold, folds, seed)
     predicted = np.asarray(scores).argmax(axis=1)
     correct = predicted == gold
     confidence = np.zeros(len(gold))
     routed = np.zeros(len(gold), dtype=bool)
-    temperatures, thresholds = [], []
+    temperatures, thresholds, betas = [], [], []
     for k in range(folds):
         fit, held = fold != k, fold == k
         t = fit_temperature(scores[fit], gold[fit])
-        fit_conf = softmax(scores[fit], t).max(axis=1)
+        b = fit_beta(softmax(scores[fit], t).max(axis=1), correct[fit]) if beta else None
+        fit_conf = calibrated_confidence(scores[fit], t, b)
         threshold = threshold_for_precision(correct[fit], fit_conf, target)
-        confidence[held] = softmax(scores[held], t).max(axis=1)
+        confidence[held] = calibrated_confidence(scores[held], t, b)
         routed[held] = confidence[held] >= threshold
         temperatures.append(t)
         thresholds.append(threshold)
-    return CrossFit(confidence, routed, temperatures, thresholds)
+        if b is not None:
+            betas.append(b)
+    return CrossFit(confidence, routed, temperatures, thresholds, betas)

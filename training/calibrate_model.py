@@ -4,9 +4,10 @@ labelled rows it was not trained on, and record both in its manifest.
 The rows go through the worker's own engine (same prompt, same llama.cpp path) with the head's
 raw scores kept. Then (``training.calibrate``):
 
-1. the **final** temperature is fitted by NLL on all rows, and the **final** threshold is the
-   lowest confidence at which the temperature-scaled confidences reach the precision target
-   on those rows: these two go into the manifest and the worker serves them;
+1. the **final** temperature is fitted by NLL on all rows, then the beta map of the top
+   label's temperature-scaled probability on the same rows (``fit_beta``), and the **final**
+   threshold is the lowest calibrated confidence that reaches the precision target on those
+   rows: the three go into the manifest and the worker serves them;
 2. the **reported** figures (ECE after, coverage and precision at the target) are out-of-fold:
    K stratified folds, each measured with a temperature and threshold fitted on the other K-1,
    so no figure in the manifest was measured on a row that fitted it.
@@ -25,8 +26,10 @@ import numpy as np
 from models.manifest import Calibration, Manifest, SelectiveRouting
 from models.taxonomy import Taxonomy
 from training.calibrate import (
+    calibrated_confidence,
     cross_fit,
     expected_calibration_error,
+    fit_beta,
     fit_temperature,
     softmax,
     threshold_for_precision,
@@ -62,7 +65,7 @@ def head_scores(manifest_path: Path, taxonomy: Taxonomy, texts: list[str],
 def calibrate_manifest(manifest_path: Path, taxonomy: Taxonomy, rows: list[tuple[str, str]],
                        data_path: Path, precision_target: float, folds: int = 5,
                        seed: int = 13, out: Path | None = None,
-                       scores: np.ndarray | None = None) -> dict[str, Any]:
+                       scores: np.ndarray | None = None, beta: bool = True) -> dict[str, Any]:
     """Fit and record calibration and selective routing (see the module's doc); writes the
     manifest to ``out`` (default: in place) and returns a summary. ``scores`` skips the engine
     (tests). Raises ``ValueError`` for a manifest without a head, ``KeyError`` for a gold
@@ -76,16 +79,20 @@ def calibrate_manifest(manifest_path: Path, taxonomy: Taxonomy, rows: list[tuple
         scores = head_scores(manifest_path, taxonomy, [text for text, _ in rows])
     correct = scores.argmax(axis=1) == gold
     temperature = fit_temperature(scores, gold)
-    calibrated = softmax(scores, temperature).max(axis=1)
+    beta_map = fit_beta(softmax(scores, temperature).max(axis=1), correct) if beta else None
+    calibrated = calibrated_confidence(scores, temperature, beta_map)
     threshold = threshold_for_precision(correct, calibrated, precision_target)
-    fit = cross_fit(scores, gold, precision_target, folds, seed)
+    fit = cross_fit(scores, gold, precision_target, folds, seed, beta=beta)
     source = (f"{data_path.name} (sha256 {sha256_file(data_path)[:16]}), {len(rows)} rows "
               "the model was not trained on")
     manifest.calibration = Calibration(
-        temperature=temperature, fitted_on=source, rows=len(rows),
-        scheme=(f"temperature fitted by NLL on all {len(rows)} rows; ece_after is out-of-fold "
-                f"({folds} stratified folds, seed {seed}: fitted on {folds - 1}, measured on "
-                "the fifth)"),
+        method="temperature+beta" if beta_map else "temperature",
+        temperature=temperature, beta=list(beta_map) if beta_map else None,
+        fitted_on=source, rows=len(rows),
+        scheme=(f"temperature fitted by NLL on all {len(rows)} rows"
+                + (", then the top label's beta map on the same rows" if beta_map else "")
+                + f"; ece_after is out-of-fold ({folds} stratified folds, seed {seed}: fitted "
+                f"on {folds - 1}, measured on the fifth)"),
         ece_before=expected_calibration_error(correct, softmax(scores, 1.0).max(axis=1)),
         ece_after=expected_calibration_error(correct, fit.confidence))
     manifest.selective = SelectiveRouting(
@@ -96,4 +103,5 @@ def calibrate_manifest(manifest_path: Path, taxonomy: Taxonomy, rows: list[tuple
     target.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return {"manifest": str(target), "accuracy": float(correct.mean()),
             **manifest.calibration.model_dump(), **manifest.selective.model_dump(),
-            "fold_temperatures": fit.temperatures, "fold_thresholds": fit.thresholds}
+            "fold_temperatures": fit.temperatures, "fold_thresholds": fit.thresholds,
+            "fold_betas": fit.betas}

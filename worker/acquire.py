@@ -170,6 +170,8 @@ class ModelSpec:
     #: the manifest's calibration temperature (1.0: none) and precision-targeted threshold
     temperature: float = 1.0
     threshold: float | None = None
+    #: the manifest's beta calibration of the top-label confidence (None: none)
+    beta: tuple[float, float, float] | None = None
 
 
 def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
@@ -225,7 +227,9 @@ def resolve_model(*, model_uri: str, model_sha256: str, manifest_uri: str,
                      manifest.decoder, manifest.prompt_style, manifest.max_ticket_tokens,
                      time.perf_counter() - started, downloaded,
                      manifest.calibration.temperature if manifest.calibration else 1.0,
-                     manifest.selective.threshold if manifest.selective else None)
+                     manifest.selective.threshold if manifest.selective else None,
+                     tuple(manifest.calibration.beta)  # type: ignore[arg-type]
+                     if manifest.calibration and manifest.calibration.beta else None)
 
 
 def resolve_from_settings(settings: WorkerSettings, taxonomy_sha256: str) -> ModelSpec:

@@ -47,6 +47,20 @@ from worker.spans import SpanDecoder, echoes_prompt
 from worker.trie import LabelTrie
 
 
+#: confidences are clipped to [BETA_EPS, 1 - BETA_EPS] before the beta map's logarithms
+BETA_EPS = 1e-7
+
+
+def beta_map(confidence: np.ndarray | float, beta: tuple[float, float, float]) -> np.ndarray:
+    """Beta calibration of a top-label confidence (Kull, Silva Filho and Flach 2017, "Beyond
+    sigmoids", Electron. J. Statist. 11(2), eq. 4): ``σ(c + a·ln p − b·ln(1 − p))`` with
+    ``beta = (a, b, c)``, ``a, b >= 0`` (so the map is increasing: it never reorders tickets,
+    and the tickets above a threshold stay the same set). Shape in = shape out."""
+    a, b, c = beta
+    p = np.clip(np.asarray(confidence, dtype=np.float64), BETA_EPS, 1 - BETA_EPS)
+    return 1.0 / (1.0 + np.exp(-(c + a * np.log(p) - b * np.log1p(-p))))
+
+
 @dataclass(frozen=True)
 class LabelHead:
     """A linear label head on the last prompt token's final hidden state.
@@ -59,17 +73,24 @@ class LabelHead:
     bias: np.ndarray
     labels: list[str]
     temperature: float = 1.0
+    #: the manifest's beta calibration of the top-label confidence (``beta_map``), or None
+    beta: tuple[float, float, float] | None = None
 
     @classmethod
-    def load(cls, path: Path, temperature: float = 1.0) -> LabelHead:
-        """Read a ``head.npz``; ``temperature`` is the manifest's calibration (1.0: none).
-        Raises ``ModelUnavailable`` when it is unreadable or malformed."""
+    def load(cls, path: Path, temperature: float = 1.0,
+             beta: tuple[float, float, float] | None = None) -> LabelHead:
+        """Read a ``head.npz``; ``temperature`` and ``beta`` are the manifest's calibration
+        (1.0 and None: none). Raises ``ModelUnavailable`` when it is unreadable or malformed,
+        or the calibration is out of its domain."""
         if not temperature > 0:
             raise ModelUnavailable(f"label head temperature must be > 0, got {temperature}")
+        if beta is not None and not (len(beta) == 3 and beta[0] >= 0 and beta[1] >= 0):
+            raise ModelUnavailable(f"beta calibration needs (a >= 0, b >= 0, c), got {beta}")
         try:
             with np.load(path, allow_pickle=False) as data:
                 head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32),
-                           [str(x) for x in data["labels"]], float(temperature))
+                           [str(x) for x in data["labels"]], float(temperature),
+                           tuple(float(x) for x in beta) if beta else None)  # type: ignore[arg-type]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelUnavailable(f"label head {path} is unreadable: {exc}") from exc
         if head.weight.shape[0] != len(head.labels) or head.bias.shape != (len(head.labels),):
@@ -87,6 +108,12 @@ class LabelHead:
         scores = self.scores(hidden) / self.temperature
         scores = np.exp(scores - scores.max())
         return scores / scores.sum()
+
+    def confidence(self, top_probability: float) -> float:
+        """The confidence the worker routes on: the top label's temperature-scaled probability,
+        through the beta map when the manifest has one."""
+        return (float(beta_map(top_probability, self.beta)) if self.beta is not None
+                else float(top_probability))
 
 
 @dataclass(frozen=True)
@@ -212,7 +239,7 @@ class RoutingEngine:
                 raw_scores = self.head.scores(hidden)
                 probs = self.head.probabilities(hidden)
                 best = int(np.argmax(probs))
-                label, confidence = self.head.labels[best], float(probs[best])
+                label, confidence = self.head.labels[best], self.head.confidence(probs[best])
                 pending, tokens_out = [*self.trie.sequences[label]], 0
             else:
                 decision = self.trie.decode(logits, evaluate)

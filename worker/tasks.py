@@ -100,7 +100,7 @@ def init_parent(settings: WorkerSettings, concurrency: int) -> ParentState:
     metrics.MODEL_LOAD_LAST_SECONDS.labels("acquire").set(model.seconds)
     log.info("model_acquired", model=model.name, sha256=model.sha256, base=str(model.base),
              adapter=str(model.adapter) if model.adapter else None, decoder=model.decoder,
-             temperature=model.temperature,
+             temperature=model.temperature, beta=model.beta,
              threshold=taxonomy.threshold_for(model.threshold),
              downloaded=model.downloaded, seconds=round(model.seconds, 3),
              taxonomy=taxonomy.ref, labels=len(taxonomy.labels))
@@ -151,7 +151,7 @@ def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
     """
     from worker.engine import LabelHead, RoutingEngine
 
-    head = (LabelHead.load(spec.head, spec.temperature)
+    head = (LabelHead.load(spec.head, spec.temperature, spec.beta)
             if spec.head and spec.decoder == "head" else None)
     return RoutingEngine(spec.base, taxonomy, n_threads=threads,
                          max_ticket_tokens=spec.max_ticket_tokens or settings.max_ticket_tokens,
