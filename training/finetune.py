@@ -415,7 +415,9 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
 
     **Pruning and distillation** (issue 16): ``recipe.layers`` trains on the first blocks only
     (``truncate_blocks``); ``recipe.distill_from`` adds a teacher router's soft labels
-    (``teacher_scores``, ``distill_loss``).
+    (``teacher_scores``, ``distill_loss``). With ``recipe.injection_augment`` too, an injected
+    copy's soft labels are the teacher's for the clean row it was made from, so the student
+    learns to answer as if the injected text were absent (issue 12).
 
     Raises ``KeyError`` on labels outside the taxonomy, ``TrainingInterrupted`` after saving a
     checkpoint on an interruption, and ``ValueError`` when ``out_dir`` holds a checkpoint of
@@ -435,6 +437,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     threads = available_cpus()
     torch.set_num_threads(threads)
     vocab = load_vocab(base_gguf)
+    clean_rows, sources = train_rows, list(range(len(train_rows)))
     if recipe.injection_augment > 0:
         from training.injection import augment
 
@@ -442,12 +445,15 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]
+        sources += [i for i, _ in extra]
     ids, labels = encode_rows(vocab, taxonomy, train_rows, recipe)
     answers = (encode_answers(vocab, taxonomy, train_rows, train_fields)
                if train_fields is not None and taxonomy.fields else None)
     if recipe.distill_from and answers is not None:
         raise ValueError("distillation trains the label head only: not with extraction fields")
-    teacher = (teacher_scores(Path(recipe.distill_from), taxonomy, train_rows)
+    # An injected copy learns the teacher's distribution for its *clean* source row: what the
+    # ticket is about, as if the attacker's text were not there (invariance, not imitation).
+    teacher = (teacher_scores(Path(recipe.distill_from), taxonomy, clean_rows)[sources]
                if recipe.distill_from else None)
     model = RouterModel(base_gguf, len(taxonomy.labels), recipe, device)
     if recipe.init_from:
