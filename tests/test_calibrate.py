@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models import load_taxonomy
-from models.manifest import Manifest
 from models.errors import ModelUnavailable
+from models.manifest import Manifest
 from training.calibrate import (
     cross_fit,
     expected_calibration_error,

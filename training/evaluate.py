@@ -21,9 +21,9 @@ ticket's text; beside a trivial baseline per field (``Unknown`` for extractive f
 ticket's first 8 words for generative ones).
 
 For a model with a label head, the report also holds its uncalibrated figures (temperature 1)
-and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature and threshold fitted
-on 4/5 of the rows, measured on the fifth), which are the honest ones when the manifest's
-calibration was fitted on these same rows. Two plots are written beside the report: a
+and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature, beta map and
+threshold fitted on 4/5 of the rows, measured on the fifth), which are the honest ones when the
+manifest's calibration was fitted on these same rows. Two plots are written beside the report: a
 reliability diagram and the risk–coverage curves (``reliability.png``, ``risk_coverage.png``).
 """
 
@@ -212,6 +212,7 @@ def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Tax
                          **risk_coverage(correct, raw).as_dict()},
         "out_of_fold": {
             "folds": folds, "temperatures": fit.temperatures, "thresholds": fit.thresholds,
+            "betas": fit.betas,
             "ece": expected_calibration_error(correct, fit.confidence),
             **risk_coverage(correct, fit.confidence).as_dict(),
             "precision_target": precision_target, "coverage": float(routed.mean()),
@@ -336,10 +337,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     if calibration:
         raw, oof = calibration["uncalibrated"], calibration["out_of_fold"]
         lines += ["", "## Calibration (label head)", "",
-                  f"Out-of-fold: temperature and a {oof['precision_target']:.0%}-precision "
-                  f"threshold fitted on {oof['folds'] - 1}/{oof['folds']} of these rows, "
+                  f"Out-of-fold: temperature, beta map and a {oof['precision_target']:.0%}"
+                  f"-precision threshold fitted on {oof['folds'] - 1}/{oof['folds']} of these rows, "
                   "measured on the rest (cross-fitting).", "",
-                  "| | uncalibrated (T = 1) | temperature-scaled, out-of-fold |",
+                  "| | uncalibrated (T = 1) | calibrated (temperature + beta), out-of-fold |",
                   "| --- | --- | --- |",
                   f"| ECE | {raw['ece']:.3f} | {oof['ece']:.3f} |",
                   f"| AURC | {raw['aurc']:.4f} | {oof['aurc']:.4f} |"]
@@ -402,8 +403,8 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
         raw_curves = calibration.pop("_curves")
         report["calibration"] = calibration
         curves["router, uncalibrated"] = (raw_curves["correct"], raw_curves["raw"])
-        curves["router, temperature-scaled (out-of-fold)"] = (raw_curves["correct"],
-                                                               raw_curves["calibrated"])
+        curves["router, calibrated (out-of-fold)"] = (raw_curves["correct"],
+                                                       raw_curves["calibrated"])
     else:
         correct = np.array([g == p for g, p in zip(gold, predictions.labels, strict=True)])
         curves["model"] = (correct, np.array(predictions.confidences))

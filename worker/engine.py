@@ -46,7 +46,6 @@ from worker.prompt import (
 from worker.spans import SpanDecoder, echoes_prompt
 from worker.trie import LabelTrie
 
-
 #: confidences are clipped to [BETA_EPS, 1 - BETA_EPS] before the beta map's logarithms
 BETA_EPS = 1e-7
 

@@ -178,7 +178,7 @@ class InjectionGuard:
         signals = self.signals(text, subject)
         if not signals:
             return Screened(text, subject, [])
-        parts = []
+        parts: list[str | None] = []
         for part in (text, subject):
             if not part:
                 parts.append(part)
