@@ -265,8 +265,9 @@ def plot_calibration(out_dir: Path, curves: dict[str, tuple[np.ndarray, np.ndarr
     return ["reliability.png", "risk_coverage.png"]
 
 
-def predict_tfidf(train_rows: list[tuple[str, str]], texts: list[str]) -> Predictions:
-    """Fit the TF-IDF + logistic-regression baseline on ``train_rows``; predict ``texts``."""
+def tfidf_pipeline(train_rows: list[tuple[str, str]]) -> Any:
+    """The similarity-router baseline, fitted on ``train_rows``: character 2–5-gram TF-IDF
+    (word-bounded, sublinear) and logistic regression (scikit-learn ``Pipeline``)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -274,7 +275,12 @@ def predict_tfidf(train_rows: list[tuple[str, str]], texts: list[str]) -> Predic
     pipeline = make_pipeline(
         TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2),
         LogisticRegression(C=20.0, max_iter=2000))
-    pipeline.fit([t for t, _ in train_rows], [label for _, label in train_rows])
+    return pipeline.fit([t for t, _ in train_rows], [label for _, label in train_rows])
+
+
+def predict_tfidf(train_rows: list[tuple[str, str]], texts: list[str]) -> Predictions:
+    """Fit the TF-IDF + logistic-regression baseline on ``train_rows``; predict ``texts``."""
+    pipeline = tfidf_pipeline(train_rows)
     out = Predictions([], [], [])
     for text in texts:
         started = time.perf_counter()
