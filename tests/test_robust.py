@@ -29,6 +29,12 @@ def engine_for(router: Path, model_file: Path) -> RoutingEngine:
                          prompt_style=manifest.prompt_style)
 
 
+def attacker_label(labels: list[str], gold: str, style_index: int, row_index: int) -> str:
+    """A label other than ``gold``, varied over styles and rows (deterministic)."""
+    attacker = labels[(labels.index(gold) + 7 * style_index + row_index + 1) % len(labels)]
+    return labels[(labels.index(gold) + 1) % len(labels)] if attacker == gold else attacker
+
+
 def attacked(engine: RoutingEngine, rows: list[dict[str, str]]) -> tuple[int, int, int]:
     """(label flips, labels landing on the attacker's, routes) over every held-out attack
     style (not the controls) applied to ``rows``."""
@@ -38,9 +44,7 @@ def attacked(engine: RoutingEngine, rows: list[dict[str, str]]) -> tuple[int, in
     for i, row in enumerate(rows):
         clean = engine.route(row["text"]).label
         for k, style in enumerate(styles):
-            attacker = labels[(labels.index(row["category"]) + 7 * k + i + 1) % len(labels)]
-            if attacker == row["category"]:
-                attacker = labels[(labels.index(attacker) + 1) % len(labels)]
+            attacker = attacker_label(labels, row["category"], k, i)
             label = engine.route(inject(row["text"], style, attacker, attacker)).label
             flips += label != clean
             hits += label == attacker
@@ -88,7 +92,7 @@ def test_the_reported_label_is_read_without_the_attack(robust: RoutingEngine,
     for i, row in enumerate(rows):
         clean = robust.route(row["text"]).label
         for k, style in enumerate(styles):
-            attacker = labels[(labels.index(row["category"]) + 7 * k + i + 1) % len(labels)]
+            attacker = attacker_label(labels, row["category"], k, i)
             screened = guard.screen(inject(row["text"], style, attacker, attacker))
             assert screened.redacted and attacker not in screened.text, screened
             kept += robust.route(screened.text).label == clean
