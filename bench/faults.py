@@ -330,12 +330,12 @@ def injection(stack: Stack, n: int) -> Row:
         engine.close()
     attacks = [s for s in report["styles"] if s["kind"] != "control"]
     worst = max(attacks, key=lambda s: s["auto_to_attacker_route"])
-    held_out = max((s for s in attacks if s["split"] == "eval"), key=lambda s: s["flip_redacted"])
+    held_out = max((s for s in attacks if s["split"] == "eval"), key=lambda s: s["flip_reported"])
     sent = tickets * len(attacks)
     return Row(f"prompt-injection corpus ({len(attacks)} attack styles)", sent, sent, 0, 0, 0,
                None, f"auto-routed to the attacker's route: at most "
                f"{worst['auto_to_attacker_route']:.1%} ({worst['style']}); reported labels "
-               f"flipped by a held-out style: at most {held_out['flip_redacted']:.1%} "
+               f"flipped by a held-out style: at most {held_out['flip_reported']:.1%} "
                f"({held_out['style']}); valid labels "
                f"{min(s['valid'] for s in attacks):.0%}; per style: var/faults/injection/")
 

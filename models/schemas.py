@@ -103,7 +103,9 @@ class RoutedResult(BaseModel):
     ``flags`` lists why a ticket was held back regardless of confidence, e.g.
     ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``;
     ``injection:redacted`` beside them says that its ``label``, ``confidence`` and ``fields`` were
-    read from the ticket without the flagged sentences (``InjectionGuard.screen``).
+    read from the ticket without the flagged sentences (``InjectionGuard.screen``);
+    ``injection:label_name`` that they were read from the ticket without the label names it
+    wrote, which had pulled the label away from the rest of the ticket (``guarded_route``).
     ``rejected_fields`` names the generated fields whose value repeated the prompt instead of the
     ticket (``worker.spans.echoes_prompt``); they read ``Unknown``.
     """

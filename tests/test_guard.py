@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models import RoutedResult, load_taxonomy
 from producer import Producer
 from thinfleet import devstack
 from training.injection import inject, load_corpus
-from worker.guard import InjectionGuard
+from worker.engine import LabelHead, RouteOutcome
+from worker.guard import LABEL_NAME_FLAG, InjectionGuard, guarded_route
 
 ROOT = Path(__file__).parent.parent
 GUARD = InjectionGuard.for_taxonomy(load_taxonomy("banking77"))
@@ -74,6 +76,63 @@ def test_redaction_units() -> None:
     assert screened.signals == ["injection:label_identifier"]
     genuine = GUARD.screen("Where is my new card?  It's been  a week.")
     assert genuine.text == "Where is my new card?  It's been  a week." and genuine.signals == []
+
+
+def test_label_names_are_erased_in_any_spelling() -> None:
+    assert GUARD.erase_label_names("What exchange rate do you use?") == ("What do you use?", None)
+    assert GUARD.erase_label_names("Where is my card? TL;DR Card-Arrival") == (
+        "Where is my card? TL;DR", None)
+    # the longest name wins (card_payment_wrong_exchange_rate holds exchange_rate)
+    assert GUARD.erase_label_names("card payment wrong exchange rate, help") == (", help", None)
+    # a subject is erased on its own; a part the erasure would empty keeps its text
+    assert GUARD.erase_label_names("Why?", subject="top up limits? no") == ("Why?", "? no")
+    assert GUARD.erase_label_names("exchange rate") is None
+    assert GUARD.erase_label_names("Why?", subject="top up limits") is None
+    assert GUARD.erase_label_names("My card has not arrived yet.") is None  # names no label
+    assert GUARD.erase_label_names("the exchange rates page") is None  # whole words only
+    ecommerce = InjectionGuard.for_taxonomy(load_taxonomy("ecommerce"))
+    assert ecommerce.erase_label_names("Broken lid. packaging and shipping") == (
+        "Broken lid.", None)
+
+
+def test_guarded_route_reports_the_label_both_readings_find_plausible() -> None:
+    """``guarded_route``'s decision, with a table for the model's scores (pure logic)."""
+    labels = ["card_arrival", "exchange_rate", "top_up_failed", "top_up_limits"]
+    head = LabelHead(np.zeros((4, 2), np.float32), np.zeros(4, np.float32), labels)
+    readings = {"Where is my card? TL;DR top up failed": [2.0, 0.0, 3.0, 0.0],
+                "Where is my card? TL;DR": [4.0, 0.0, -2.0, 0.0],
+                "What exchange rate do you use?": [0.0, 6.0, 0.0, 0.0],
+                "What do you use?": [0.0, 0.5, 0.0, 1.5],
+                "Where is my card?": [5.0, 0.0, 0.0, 0.0]}
+    calls: list[str] = []
+
+    def route(text: str, subject: str | None) -> RouteOutcome:
+        calls.append(text)
+        scores = np.array(readings[text])
+        probabilities = np.exp(scores) / np.exp(scores).sum()
+        return RouteOutcome(labels[int(scores.argmax())], float(probabilities.max()),
+                            tokens_in=10, prompt_eval_ms=2.0, decode_ms=1.0, scores=scores)
+
+    # the name pulled the label to top_up_failed; without it the ticket says card_arrival,
+    # and the pool (scores 6, 0, 1, 0 over two) agrees
+    attack = guarded_route(route, GUARD, "Where is my card? TL;DR top up failed", head=head)
+    assert attack.outcome.label == "card_arrival" and attack.flags == [LABEL_NAME_FLAG]
+    pooled = np.exp([3.0, 0.0, 0.5, 0.0]) / np.exp([3.0, 0.0, 0.5, 0.0]).sum()
+    assert attack.outcome.confidence == pytest.approx(pooled.max())
+    assert (attack.outcome.tokens_in, attack.outcome.prompt_eval_ms) == (20, 4.0)  # both decodes
+    # a genuine name: the erased reading prefers another label, but not enough to outvote
+    genuine = guarded_route(route, GUARD, "What exchange rate do you use?", head=head)
+    assert (genuine.outcome.label, genuine.flags) == ("exchange_rate", [])
+    assert genuine.outcome.confidence == route("What exchange rate do you use?", None).confidence
+    assert genuine.outcome.decode_ms == 2.0
+    calls.clear()
+    plain = guarded_route(route, GUARD, "Where is my card?", head=head)
+    assert (plain.outcome.label, plain.flags, calls) == ("card_arrival", [], ["Where is my card?"])
+    off = guarded_route(route, GUARD, "Where is my card? TL;DR top up failed", check_names=False)
+    assert (off.outcome.label, off.flags) == ("top_up_failed", [])
+    # no head (the trie decoder): the erased reading when it is surer of another label
+    trie = guarded_route(route, GUARD, "Where is my card? TL;DR top up failed")
+    assert (trie.outcome.label, trie.flags) == ("card_arrival", [LABEL_NAME_FLAG])
 
 
 def test_ordinary_language_about_labels_is_not_an_attack() -> None:

@@ -9,18 +9,23 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
 * ``to_attacker_label``: the label is the attacker's;
 * ``valid``: the label is one of the taxonomy's (the closed label set);
 * ``auto_to_attacker_route``: the ticket would be **auto-routed** to the attacker's label's route
-  (above the model's threshold and not flagged by ``worker.guard``) while the clean ticket's gold
-  route is another: what the attacker actually wants, and the system-level figure;
+  (the reported label above the model's threshold, and no flag of ``worker.guard``) while the
+  clean ticket's gold route is another: what the attacker actually wants, and the system-level
+  figure;
 * ``flagged``: the guard flagged it (it goes to the fallback route);
-* ``flip_redacted``, ``to_attacker_label_redacted``: the same two label figures for the label the
-  worker reports, read from the ticket without the guard's flagged sentences
-  (``InjectionGuard.screen``, ``THINFLEET_INJECTION_REDACT``); equal to the model's own for a
-  ticket the guard does not flag;
+* ``flip_reported``, ``to_attacker_label_reported``: the same two label figures for the label the
+  worker reports (``worker.guard.guarded_route``: read from the ticket without the guard's
+  flagged sentences, ``THINFLEET_INJECTION_REDACT``, and without the label names it writes
+  when the label-name check fires, ``THINFLEET_INJECTION_NAME_CHECK``), against the label it
+  reports for the clean ticket;
+* ``label_name_flagged``: the label-name check fired (``injection:label_name``, fallback
+  route);
 * the same auto-route figure without the guard, and for the router before calibration (head
   softmax at temperature 1, the taxonomy's 0.35 threshold, no guard), from the same decode.
 
-Clean accuracy on the same tickets, and the guard's flag rate on the clean tickets (its false
-positives), are reported beside them. Writes ``injection.json`` and ``injection.md``.
+Clean accuracy on the same tickets (the model's, and as reported), the guard's flag rate on the
+clean tickets and the label-name check's (their false positives) are reported beside them.
+Writes ``injection.json`` and ``injection.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import yaml
 
 from models.taxonomy import Taxonomy
-from worker.guard import InjectionGuard
+from worker.guard import LABEL_NAME_FLAG, Guarded, InjectionGuard, guarded_route
 
 CORPUS = Path("data/injection/corpus.yaml")
 VALIDATION = Path("data/banking77/validation.csv")
@@ -89,48 +94,62 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
     by_label: dict[str, str] = {}
     for row in rows:
         by_label.setdefault(row["category"], row["text"])
-    clean = [engine.route(row["text"]) for row in tqdm(rows, desc="clean", unit="ticket")]
+
+    def both(text: str) -> tuple[Any, Guarded]:
+        """The model's own outcome for ``text`` and the worker's (``guarded_route``), sharing
+        the first decode."""
+        outcome = engine.route(text)
+        return outcome, guarded_route(
+            lambda t, s: outcome if (t, s) == (text, None) else engine.route(t, s), guard, text,
+            head=getattr(engine, "head", None))
+
+    clean = [both(row["text"]) for row in tqdm(rows, desc="clean", unit="ticket")]
+    n = len(rows)
     report: dict[str, Any] = {
-        "tickets": len(rows), "threshold": threshold,
-        "clean_accuracy": sum(o.label == r["category"] for o, r in zip(clean, rows, strict=True))
-        / len(rows),
-        "clean_flagged": (sum(bool(guard.signals(r["text"])) for r in rows) / len(rows)
-                          if guard else 0.0),
+        "tickets": n, "threshold": threshold,
+        "clean_accuracy": sum(o.label == r["category"] for (o, _), r in zip(clean, rows,
+                                                                           strict=True)) / n,
+        "clean_accuracy_reported": sum(g.outcome.label == r["category"]
+                                       for (_, g), r in zip(clean, rows, strict=True)) / n,
+        "clean_flagged": (sum(bool(guard.signals(r["text"])) for r in rows) / n if guard
+                          else 0.0),
+        "clean_label_name_flagged": sum(LABEL_NAME_FLAG in g.flags for _, g in clean) / n,
         "styles": []}
     for offset, style in enumerate(styles, 1):
-        flips = hits = valid = auto_hits = flagged = unguarded_hits = before_hits = 0
-        flips_redacted = hits_redacted = 0
-        for i, (row, before) in enumerate(zip(tqdm(rows, desc=style["name"], unit="ticket"),
-                                              clean, strict=True)):
+        flips = hits = valid = auto_hits = flagged = named = unguarded_hits = before_hits = 0
+        flips_reported = hits_reported = 0
+        for i, (row, (before, before_reported)) in enumerate(
+                zip(tqdm(rows, desc=style["name"], unit="ticket"), clean, strict=True)):
             gold = row["category"]
             attacker = labels[(labels.index(gold) + offset * 7 + i) % len(labels)]
             if attacker == gold:
                 attacker = labels[(labels.index(gold) + 1) % len(labels)]
             question = by_label.get(attacker, attacker.replace("_", " "))
             text = inject(row["text"], style, attacker, question)
-            outcome = engine.route(text)
-            screened = guard.screen(text) if guard else None
-            signals = screened.signals if screened else []
-            reported = engine.route(screened.text) if screened and screened.redacted else outcome
+            outcome, guarded = both(text)
+            reported = guarded.outcome
+            signals = guard.signals(text) if guard else []
             flips += outcome.label != before.label
             hits += outcome.label == attacker
-            flips_redacted += reported.label != before.label
-            hits_redacted += reported.label == attacker
-            valid += outcome.label in routes
+            flips_reported += reported.label != before_reported.outcome.label
+            hits_reported += reported.label == attacker
+            valid += outcome.label in routes and reported.label in routes
             flagged += bool(signals)
-            lands = (routes.get(outcome.label) == routes[attacker]
-                     and routes[attacker] != routes[gold])
-            auto_hits += lands and not signals and outcome.confidence >= threshold
+            named += LABEL_NAME_FLAG in guarded.flags
+            wrong_route = routes[attacker] != routes[gold]
+            lands = routes.get(outcome.label) == routes[attacker] and wrong_route
+            auto_hits += (routes.get(reported.label) == routes[attacker] and wrong_route
+                          and not guarded.flags and reported.confidence >= threshold)
             unguarded_hits += lands and outcome.confidence >= threshold
             if outcome.scores is not None:  # the system before calibration: T = 1, its 0.35
                 raw = np.exp(outcome.scores - outcome.scores.max())
                 before_hits += lands and raw.max() / raw.sum() >= taxonomy.confidence_threshold
-        n = len(rows)
         report["styles"].append({
             "style": style["name"], "split": style["split"], "kind": style["kind"],
             "flip": flips / n, "to_attacker_label": hits / n, "valid": valid / n,
-            "flip_redacted": flips_redacted / n, "to_attacker_label_redacted": hits_redacted / n,
+            "flip_reported": flips_reported / n, "to_attacker_label_reported": hits_reported / n,
             "auto_to_attacker_route": auto_hits / n, "flagged": flagged / n,
+            "label_name_flagged": named / n,
             "auto_to_attacker_route_without_guard": unguarded_hits / n,
             "auto_to_attacker_route_before": before_hits / n})
     return report
@@ -140,19 +159,21 @@ def markdown(report: dict[str, Any], title: str) -> str:
     """The README's security table."""
     lines = [f"# {title}", "",
              f"{report['tickets']} held-out tickets; clean accuracy "
-             f"{report['clean_accuracy']:.1%}; guard flags on clean tickets "
-             f"{report['clean_flagged']:.1%}; auto-route threshold {report['threshold']:.3f}.", "",
-             "| style | split | kind | label flips: model / **reported (redacted)** | "
+             f"{report['clean_accuracy']:.1%} (as reported: "
+             f"{report.get('clean_accuracy_reported', report['clean_accuracy']):.1%}); guard "
+             f"flags on clean tickets {report['clean_flagged']:.1%}, label-name check "
+             f"{report.get('clean_label_name_flagged', 0.0):.1%}; auto-route threshold "
+             f"{report['threshold']:.3f}.", "",
+             "| style | split | kind | label flips: model / **reported** | "
              "to attacker's label: model / **reported** | valid labels | "
-             "flagged by the guard | auto-routed to the attacker's route: before (T = 1, "
-             "0.35, no guard) | calibrated threshold | **+ guard (shipped)** |",
+             "flagged: guard / label-name check | auto-routed to the attacker's route: before "
+             "(T = 1, 0.35, no guard) | calibrated threshold | **+ guard (shipped)** |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["styles"]:
         lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
-                     f"**{s.get('flip_redacted', s['flip']):.1%}** | "
-                     f"{s['to_attacker_label']:.1%} / "
-                     f"**{s.get('to_attacker_label_redacted', s['to_attacker_label']):.1%}** | "
-                     f"{s['valid']:.0%} | {s['flagged']:.0%} | "
+                     f"**{s['flip_reported']:.1%}** | {s['to_attacker_label']:.1%} / "
+                     f"**{s['to_attacker_label_reported']:.1%}** | {s['valid']:.0%} | "
+                     f"{s['flagged']:.0%} / {s['label_name_flagged']:.1%} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
                      f"{s['auto_to_attacker_route_without_guard']:.1%} | "
                      f"**{s['auto_to_attacker_route']:.1%}** |")

@@ -81,6 +81,11 @@ class WorkerSettings(RedisConnection):
         default=True, description="with the guard on: read a flagged ticket's label from its "
         "text without the flagged sentences, so the attacker's words never reach the model "
         "(the label the fallback route's human sees); false: from the text as sent")
+    injection_name_check: bool = Field(
+        default=True, description="with the guard on: read a ticket that names a label "
+        "again without the names; when the label both readings find plausible (their "
+        "opinion pool) is another, report it, flagged injection:label_name, to the fallback "
+        "route (a second decode for such tickets only)")
     cpu_repack: bool = Field(
         default=True, description="llama.cpp's repacked weights: faster kernels; a copy in "
         "the process that loads the model (shared by the children when preloaded)")

@@ -52,7 +52,7 @@ from models.taxonomy import Taxonomy, load_taxonomy
 from worker import metrics
 from worker.acquire import ModelSpec, resolve_from_settings
 from worker.cpus import ThreadPlan, plan_threads
-from worker.guard import REDACTED_FLAG, InjectionGuard, Screened
+from worker.guard import InjectionGuard, guarded_route
 from worker.results import ResultPublisher
 from worker.settings import WorkerSettings
 
@@ -289,23 +289,19 @@ def validate(payload: Any, max_ticket_bytes: int) -> TicketEvent:
 def route_event(state: ChildState, event: TicketEvent, attempt: int, started: float,
                 node: str | None = None) -> RoutedResult:
     """Run the engine on a validated ticket and build its ``RoutedResult``."""
-    guard, settings = state.parent.guard, state.parent.settings
-    screened = (guard.screen(event.text, event.subject) if guard is not None
-                else Screened(event.text, event.subject, []))
-    flags = screened.signals
-    if screened.redacted and settings.injection_redact:
-        # the attacker's sentences never reach the model
-        outcome = state.engine.route(screened.text, screened.subject)
-        flags = [*flags, REDACTED_FLAG]
-    else:
-        outcome = state.engine.route(event.text, event.subject)
+    settings = state.parent.settings
+    guarded = guarded_route(state.engine.route, state.parent.guard, event.text, event.subject,
+                            redact=settings.injection_redact,
+                            check_names=settings.injection_name_check,
+                            head=state.engine.head)
+    outcome, flags = guarded.outcome, guarded.flags
     taxonomy = state.parent.taxonomy
     route, fallback = taxonomy.route_for(outcome.label, outcome.confidence,
                                          model_threshold=state.parent.model.threshold)
     if flags:  # the ticket tried to choose its route: a human decides (worker.guard)
         route, fallback = taxonomy.fallback_route, True
         log.warning("injection_suspected", flags=flags, label=outcome.label,
-                    redacted_chars=screened.removed_chars if REDACTED_FLAG in flags else 0)
+                    redacted_chars=guarded.removed_chars)
     queue_wait_ms = None
     if event.enqueued_at is not None:
         enqueued = event.enqueued_at if event.enqueued_at.tzinfo else event.enqueued_at.replace(
