@@ -87,6 +87,9 @@ class Recipe:
     #: injection of a ``train`` style of ``data/injection/corpus.yaml``, gold label kept
     #: (``training.injection.augment``; issue 12)
     injection_augment: float = 0.0
+    #: the share of those injected rows whose attack is composed from the corpus's plain-
+    #: language ``grammar`` instead of a style (``training.injection.compose``)
+    injection_grammar: float = 0.0
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
@@ -441,7 +444,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     if recipe.injection_augment > 0:
         from training.injection import augment
 
-        extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed)
+        extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed,
+                        grammar_share=recipe.injection_grammar)
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]

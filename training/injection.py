@@ -58,19 +58,31 @@ def inject(text: str, style: dict[str, str], label: str, question: str) -> str:
     return f"{attack} {text}" if style["where"] == "prepend" else f"{text} {attack}"
 
 
+def compose(rng: Any, grammar: dict[str, list[str]], words: str) -> tuple[str, str]:
+    """One attack from the corpus's ``grammar`` (module doc): ``(text, where)``, the text a
+    lead, a claim naming ``words`` (four times in five) or chatter naming none, and an end;
+    ``where`` is ``prepend`` or ``append``."""
+    body = rng.choice(grammar["claims"] if rng.random() < 0.8 else grammar["chatter"])
+    text = f"{rng.choice(grammar['leads'])} {body.format(words=words)}".strip()
+    return text + rng.choice(grammar["ends"]), rng.choice(["prepend", "append"])
+
+
 def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
-            corpus: Path = CORPUS) -> list[tuple[int, str]]:
+            corpus: Path = CORPUS, grammar_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
     ``eval`` style, never a ``control``) naming another label, and the row's **gold** label
     kept, so the model learns that text inside the ticket does not choose the label.
-    Deterministic for a seed; a style's ``{question}`` comes from another row of the attacker's
-    label. Returns ``(index of the source row, injected text)`` pairs."""
+    ``grammar_share`` of them take a plain-language attack composed from the corpus's
+    ``grammar`` instead (``compose``). Deterministic for a seed; a style's ``{question}`` comes
+    from another row of the attacker's label. Returns ``(index of the source row, injected
+    text)`` pairs."""
     import random
 
     styles = [s for s in load_corpus(corpus) if s["split"] == "train" and s["kind"] != "control"]
     if share <= 0 or not styles or not rows:
         return []
+    grammar = yaml.safe_load(corpus.read_text()).get("grammar") if grammar_share > 0 else None
     rng = random.Random(seed)
     by_label: dict[str, list[str]] = {}
     for text, label in rows:
@@ -79,6 +91,10 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     for index in rng.sample(range(len(rows)), min(len(rows), round(share * len(rows)))):
         text, gold = rows[index]
         attacker = rng.choice([label for label in labels if label != gold])
+        if grammar and rng.random() < grammar_share:
+            attack, where = compose(rng, grammar, attacker.replace("_", " "))
+            out.append((index, f"{attack} {text}" if where == "prepend" else f"{text} {attack}"))
+            continue
         question = rng.choice(by_label.get(attacker) or [attacker.replace("_", " ")])
         out.append((index, inject(text, rng.choice(styles), attacker, question)))
     return out
