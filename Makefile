@@ -53,14 +53,15 @@ train: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(STAGE1)
 
-# Stage 2 (issue 12): continue from stage 1 with adversarial augmentation (the injection
-# corpus's train styles, gold label kept), 0.35 epoch over the rows plus as many injected
-# copies, lower learning rates, distilled from stage 1 (an injected copy learns stage 1's soft
-# labels for its clean row); about 9 min of teacher scores, once, then 18 min on 2 CPU cores.
+# Stage 2 (issue 12): continue from stage 1 with adversarial augmentation (half the injection
+# corpus's train styles, half plain language composed from its grammar; gold label kept), 0.35
+# epoch over the rows plus as many injected copies, lower learning rates, distilled from stage 1
+# (an injected copy learns stage 1's soft labels for its clean row); about 9 min of teacher
+# scores, once, then 19 min on 2 CPU cores.
 train-robust: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 0.35 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5
 
 # Pruned routers (issue 16): the base model's first K blocks, the shipped router's LoRA of those
 # blocks as the start, a new head, 1 epoch, distilled from the shipped router merged as the
