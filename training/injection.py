@@ -55,7 +55,12 @@ def inject(text: str, style: dict[str, str], label: str, question: str) -> str:
     """``text`` with the style's attacker text appended or prepended."""
     attack = style["template"].format(label=label, words=label.replace("_", " "),
                                       question=question)
-    return f"{attack} {text}" if style["where"] == "prepend" else f"{text} {attack}"
+    return place(text, attack, style["where"])
+
+
+def place(text: str, attack: str, where: str) -> str:
+    """``attack`` before ``text`` (``where`` is ``prepend``) or after it (``append``)."""
+    return f"{attack} {text}" if where == "prepend" else f"{text} {attack}"
 
 
 def compose(rng: Any, grammar: dict[str, list[str]], words: str) -> tuple[str, str]:
@@ -92,8 +97,7 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
         text, gold = rows[index]
         attacker = rng.choice([label for label in labels if label != gold])
         if grammar and rng.random() < grammar_share:
-            attack, where = compose(rng, grammar, attacker.replace("_", " "))
-            out.append((index, f"{attack} {text}" if where == "prepend" else f"{text} {attack}"))
+            out.append((index, place(text, *compose(rng, grammar, attacker.replace("_", " ")))))
             continue
         question = rng.choice(by_label.get(attacker) or [attacker.replace("_", " ")])
         out.append((index, inject(text, rng.choice(styles), attacker, question)))

@@ -108,6 +108,16 @@ class LabelHead:
         scores = np.exp(scores - scores.max())
         return scores / scores.sum()
 
+    def decide(self, scores: np.ndarray) -> tuple[str, float]:
+        """The label of raw scores ``[n_labels]`` (``scores(hidden)``, or a pool of several
+        readings' scores) and the confidence the worker routes on: the top label of the
+        softmax of ``scores / temperature``, its probability through ``confidence``."""
+        scaled = np.asarray(scores, dtype=np.float64) / self.temperature
+        probabilities = np.exp(scaled - scaled.max())
+        best = int(np.argmax(probabilities))
+        return self.labels[best], self.confidence(float(probabilities[best]
+                                                        / probabilities.sum()))
+
     def confidence(self, top_probability: float) -> float:
         """The confidence the worker routes on: the top label's temperature-scaled probability,
         through the beta map when the manifest has one."""
@@ -236,9 +246,7 @@ class RoutingEngine:
 
             if self.head is not None:
                 raw_scores = self.head.scores(hidden)
-                probs = self.head.probabilities(hidden)
-                best = int(np.argmax(probs))
-                label, confidence = self.head.labels[best], self.head.confidence(probs[best])
+                label, confidence = self.head.decide(raw_scores)
                 pending, tokens_out = [*self.trie.sequences[label]], 0
             else:
                 decision = self.trie.decode(logits, evaluate)

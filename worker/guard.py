@@ -174,16 +174,20 @@ def _redact(body: str, spans: list[tuple[int, int]]) -> str:
     return out or _erase(body, spans)
 
 
-def _name_pattern(labels: list[str]) -> re.Pattern[str] | None:
-    """Every label written in words, any case, with spaces, ``_`` or ``-`` between its words
-    (``card arrival``, ``Card-Arrival``, ``card_arrival``); longest first, whole words."""
-    names = sorted(labels, key=len, reverse=True)
-    alternatives = [r"[\s_\-]+".join(map(re.escape, re.split(r"[\s_]+", n.strip())))
-                    for n in names if n.strip()]
+def _whole_words(names: list[str], spell: Callable[[str], str]) -> re.Pattern[str] | None:
+    """Any of ``names`` as whole words, any case, longest first; ``spell`` turns a name into
+    its regex. None for no names."""
+    alternatives = [spell(n) for n in sorted(names, key=len, reverse=True) if n.strip()]
     if not alternatives:
         return None
     return re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(alternatives) + r")(?![A-Za-z0-9])",
                       re.IGNORECASE)
+
+
+def _in_words(name: str) -> str:
+    """A label written in words, with spaces, ``_`` or ``-`` between them (``card arrival``,
+    ``Card-Arrival``, ``card_arrival``)."""
+    return r"[\s_\-]+".join(map(re.escape, re.split(r"[\s_]+", name.strip())))
 
 
 @dataclass(frozen=True)
@@ -197,10 +201,9 @@ class InjectionGuard:
     def for_taxonomy(cls, taxonomy: Taxonomy) -> InjectionGuard:
         """Compile the label-identifier rule for ``taxonomy`` (labels containing ``_``) and the
         label-name pattern of the label-name check (every label)."""
-        identifiers = sorted((n for n in taxonomy.label_names if "_" in n), key=len, reverse=True)
-        pattern = (re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, identifiers))
-                              + r")(?![A-Za-z0-9])", re.IGNORECASE) if identifiers else None)
-        return cls(pattern, _name_pattern(taxonomy.label_names))
+        labels = taxonomy.label_names
+        return cls(_whole_words([n for n in labels if "_" in n], re.escape),
+                   _whole_words(labels, _in_words))
 
     def erase_label_names(self, text: str, subject: str | None = None
                           ) -> tuple[str, str | None] | None:
@@ -276,10 +279,7 @@ def pooled_label(head: LabelHead, first: RouteOutcome, second: RouteOutcome
     find it plausible. None when a reading has no head scores (the trie decoder)."""
     if first.scores is None or second.scores is None:
         return None
-    scores = (np.asarray(first.scores) + np.asarray(second.scores)) / (2 * head.temperature)
-    probabilities = np.exp(scores - scores.max())
-    best = int(np.argmax(probabilities))
-    return head.labels[best], head.confidence(float(probabilities[best] / probabilities.sum()))
+    return head.decide((np.asarray(first.scores) + np.asarray(second.scores)) / 2)
 
 
 def guarded_route(route: Callable[[str, str | None], RouteOutcome], guard: InjectionGuard | None,
