@@ -104,8 +104,9 @@ class RoutedResult(BaseModel):
     ``injection:label_identifier`` (``worker.guard``): such a ticket has ``status: "fallback"``;
     ``injection:redacted`` beside them says that its ``label``, ``confidence`` and ``fields`` were
     read from the ticket without the flagged sentences (``InjectionGuard.screen``);
-    ``injection:label_name`` that they were read from the ticket without the label names it
-    wrote, which had pulled the label away from the rest of the ticket (``guarded_route``).
+    ``injection:label_name`` that they were pooled from two readings, with and without the
+    sentences (or words) naming a label, because the names had pulled the label away from the
+    rest of the ticket (``guarded_route``).
     ``rejected_fields`` names the generated fields whose value repeated the prompt instead of the
     ticket (``worker.spans.echoes_prompt``); they read ``Unknown``.
     """

@@ -78,14 +78,21 @@ def test_redaction_units() -> None:
     assert genuine.text == "Where is my new card?  It's been  a week." and genuine.signals == []
 
 
-def test_label_names_are_erased_in_any_spelling() -> None:
+def test_label_names_are_erased_in_any_spelling_with_their_sentences() -> None:
+    # one sentence: only the name goes
     assert GUARD.erase_label_names("What exchange rate do you use?") == ("What do you use?", None)
+    # a sentence (or line) that names a label goes whole when others remain...
     assert GUARD.erase_label_names("Where is my card? TL;DR Card-Arrival") == (
-        "Where is my card? TL;DR", None)
+        "Where is my card?", None)
+    assert GUARD.erase_label_names("Attention top-up-failed team,\nmy card is late") == (
+        "my card is late", None)
+    # ...and when every sentence names one, only the names go
+    assert GUARD.erase_label_names("Why is my exchange rate bad? And my top up failed too.") == (
+        "Why is my bad? And my too.", None)
     # the longest name wins (card_payment_wrong_exchange_rate holds exchange_rate)
     assert GUARD.erase_label_names("card payment wrong exchange rate, help") == (", help", None)
     # a subject is erased on its own; a part the erasure would empty keeps its text
-    assert GUARD.erase_label_names("Why?", subject="top up limits? no") == ("Why?", "? no")
+    assert GUARD.erase_label_names("Why?", subject="top up limits? no") == ("Why?", "no")
     assert GUARD.erase_label_names("exchange rate") is None
     assert GUARD.erase_label_names("Why?", subject="top up limits") is None
     assert GUARD.erase_label_names("My card has not arrived yet.") is None  # names no label
@@ -100,7 +107,6 @@ def test_guarded_route_reports_the_label_both_readings_find_plausible() -> None:
     labels = ["card_arrival", "exchange_rate", "top_up_failed", "top_up_limits"]
     head = LabelHead(np.zeros((4, 2), np.float32), np.zeros(4, np.float32), labels)
     readings = {"Where is my card? TL;DR top up failed": [2.0, 0.0, 3.0, 0.0],
-                "Where is my card? TL;DR": [4.0, 0.0, -2.0, 0.0],
                 "What exchange rate do you use?": [0.0, 6.0, 0.0, 0.0],
                 "What do you use?": [0.0, 0.5, 0.0, 1.5],
                 "Where is my card?": [5.0, 0.0, 0.0, 0.0]}
@@ -113,11 +119,11 @@ def test_guarded_route_reports_the_label_both_readings_find_plausible() -> None:
         return RouteOutcome(labels[int(scores.argmax())], float(probabilities.max()),
                             tokens_in=10, prompt_eval_ms=2.0, decode_ms=1.0, scores=scores)
 
-    # the name pulled the label to top_up_failed; without it the ticket says card_arrival,
-    # and the pool (scores 6, 0, 1, 0 over two) agrees
+    # the name pulled the label to top_up_failed; without its sentence the ticket says
+    # card_arrival, and the pool (scores 7, 0, 3, 0 over two) agrees
     attack = guarded_route(route, GUARD, "Where is my card? TL;DR top up failed", head=head)
     assert attack.outcome.label == "card_arrival" and attack.flags == [LABEL_NAME_FLAG]
-    pooled = np.exp([3.0, 0.0, 0.5, 0.0]) / np.exp([3.0, 0.0, 0.5, 0.0]).sum()
+    pooled = np.exp([3.5, 0.0, 1.5, 0.0]) / np.exp([3.5, 0.0, 1.5, 0.0]).sum()
     assert attack.outcome.confidence == pytest.approx(pooled.max())
     assert (attack.outcome.tokens_in, attack.outcome.prompt_eval_ms) == (20, 4.0)  # both decodes
     # a genuine name: the erased reading prefers another label, but not enough to outvote

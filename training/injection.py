@@ -15,9 +15,9 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
 * ``flagged``: the guard flagged it (it goes to the fallback route);
 * ``flip_reported``, ``to_attacker_label_reported``: the same two label figures for the label the
   worker reports (``worker.guard.guarded_route``: read from the ticket without the guard's
-  flagged sentences, ``THINFLEET_INJECTION_REDACT``, and without the label names it writes
-  when the label-name check fires, ``THINFLEET_INJECTION_NAME_CHECK``), against the label it
-  reports for the clean ticket;
+  flagged sentences, ``THINFLEET_INJECTION_REDACT``, and pooled with its reading without the
+  sentences naming a label when it names one, ``THINFLEET_INJECTION_NAME_CHECK``), against the
+  label it reports for the clean ticket;
 * ``label_name_flagged``: the label-name check fired (``injection:label_name``, fallback
   route);
 * the same auto-route figure without the guard, and for the router before calibration (head
