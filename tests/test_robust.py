@@ -73,8 +73,8 @@ def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
         flips_before, hits_before, _ = attacked(before, rows)
     finally:
         before.close()
-    # measured on 200 tickets (README, "Security"): 0.0-11.0 % per held-out style to the
-    # attacker's label, 1.2 % over these 13 styles; the router before adversarial training:
+    # measured on 200 tickets (README, "Security"), merged: 0.0-13.5 % per held-out style to
+    # the attacker's label, 1.9 % over these 41 styles; the router before adversarial training:
     # 10-37.5 % on the first seven
     assert hits <= 0.06 * total, (hits, total)
     assert hits < hits_before and flips < flips_before, (hits, hits_before, flips, flips_before)
@@ -97,7 +97,7 @@ def test_the_reported_label_is_read_without_the_attack(robust: RoutingEngine,
             assert screened.redacted and attacker not in screened.text, screened
             kept += robust.route(screened.text).label == clean
             total += 1
-    # measured on 200 tickets (README, "Security"): 0.0-1.5 % of reported labels flip per style
+    # measured on 200 tickets (README, "Security"): 0.0-2.0 % of reported labels flip per style
     assert kept >= 0.95 * total, (kept, total)
 
 
@@ -140,9 +140,9 @@ def test_the_label_name_check_keeps_genuine_names_and_undoes_plain_language_atta
             reported_hits += reported == attacker
             reported_flips += reported != clean
             total += 1
-    # measured on 200 tickets (README, "Security"), these 18 styles: to the attacker's label
-    # 2.1 % on average for the model alone (0.0-6.0 % per style), 0.6 % reported (0.0-2.0 %);
-    # flips 4.6 % and 2.4 %
+    # measured on 200 tickets (README, "Security"), these 30 styles: to the attacker's label
+    # 2.6 % on average for the model alone (0.0-13.5 % per style), 0.6 % reported (0.0-3.0 %);
+    # flips 5.7 % and 2.5 %
     assert reported_hits <= 0.02 * total and reported_hits <= model_hits, (
         reported_hits, model_hits, total)
     assert reported_flips <= model_flips, (reported_flips, model_flips, total)
