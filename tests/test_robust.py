@@ -147,6 +147,7 @@ def test_the_label_name_check_keeps_genuine_names_and_undoes_plain_language_atta
         reported_hits, model_hits, total)
     assert reported_flips <= model_flips, (reported_flips, model_flips, total)
 
+
 def test_the_worker_reports_the_label_the_ticket_supports_flagged(
         robust: RoutingEngine) -> None:
     """``route_event`` (the worker's own path) on the real model: a plain-language attack the

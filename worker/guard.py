@@ -92,7 +92,8 @@ _INSTRUCTION = re.compile(
 #: the flag a result carries when its label was read from the redacted ticket
 REDACTED_FLAG = "injection:redacted"
 #: the flag a result carries when its label was pooled from the ticket's readings with and
-#: without the label names it wrote, and differs from its own (the module's "label-name check")
+#: without the sentences (or words) naming a label, and differs from its own (the module's
+#: "label-name check")
 LABEL_NAME_FLAG = "injection:label_name"
 
 #: where a unit of text ends (a line, a sentence, a bracketed or markup group): the places a
@@ -164,9 +165,10 @@ def _redact(body: str, spans: list[tuple[int, int]]) -> str:
         return body
     spans = [(start + len(body[start:end]) - len(body[start:end].lstrip()), end)
              for start, end in spans]  # a rule may match the space before its words
-    cuts = [0, *(end for _, end in _units(body))]
+    units = _units(body)
+    cuts = [0, *(end for _, end in units)]
     keep = [True] * len(body)
-    for unit_start, unit_end in _units(body):
+    for unit_start, unit_end in units:
         inside = [(s, e) for s, e in spans if unit_start <= s < unit_end]
         if not inside:
             continue
