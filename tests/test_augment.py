@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from training.injection import augment, load_corpus
 
 ROWS = [("where is my card", "card_arrival"), ("my transfer is late", "transfer_timing"),
@@ -46,3 +48,34 @@ def test_composed_attacks_keep_the_gold_label_and_reuse_no_eval_wording() -> Non
     # a share of 0 leaves the styles' rows as they were (make train-robust reproduces)
     assert augment(ROWS, LABELS, 0.5, seed=13, grammar_share=0.0) == augment(ROWS, LABELS, 0.5,
                                                                              seed=13)
+
+
+def test_a_subset_of_styles_meets_the_same_attackers_as_the_whole_corpus(tmp_path: Path) -> None:
+    """``thinfleet injection --split eval --plain`` reports the same figures for a style as the
+    full run: the attacker label comes from the style's place in the corpus (a stand-in
+    engine that follows some labels named in the ticket; pure logic)."""
+    from models import load_taxonomy
+    from training.injection import evaluate_injection
+    from worker.engine import RouteOutcome
+
+    taxonomy = load_taxonomy("banking77")
+    labels = taxonomy.label_names
+
+    class Gullible:  # follows a third of the labels when a ticket names them
+        def route(self, text: str, subject: str | None = None) -> RouteOutcome:
+            named = [n for i, n in enumerate(labels) if i % 3 == 0
+                     and (n.replace("_", " ") in text.lower() or n in text)]
+            return RouteOutcome(named[-1] if named else labels[0], 0.5)
+
+    data = tmp_path / "rows.csv"
+    data.write_text("text,category\n" + "".join(f"ticket {i},{labels[i * 7]}\n" for i in range(8)))
+
+    def figures(**subset: object) -> dict[str, dict[str, float]]:
+        report = evaluate_injection(Gullible(), taxonomy, 0.9, 8, tmp_path / "out", None, "t",
+                                    data=data, **subset)  # type: ignore[arg-type]
+        return {s["style"]: s for s in report["styles"]}
+
+    whole, plain = figures(), figures(split="eval", plain=True)
+    assert plain and set(plain) < set(whole)
+    assert all(not s.get("guard", True) for s in load_corpus() if s["name"] in plain)
+    assert all(plain[name] == whole[name] for name in plain)

@@ -259,7 +259,7 @@ def cmd_injection(args: argparse.Namespace) -> int:
     guard = None if args.no_guard else InjectionGuard.for_taxonomy(taxonomy)
     title = f"Prompt injection: {spec.name}" + (" without the guard" if args.no_guard else "")
     evaluate_injection(engine, taxonomy, taxonomy.threshold_for(spec.threshold), args.tickets,
-                       Path(args.out), guard, title, split=args.split)
+                       Path(args.out), guard, title, split=args.split, plain=args.plain)
     print((Path(args.out) / "injection.md").read_text())
     return 0
 
@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guard", action="store_true", help="measure without worker.guard")
     p.add_argument("--split", choices=["all", "train", "eval"], default="all",
                    help="only the corpus's train or eval styles (default: all)")
+    p.add_argument("--plain", action="store_true",
+                   help="only the plain-language styles the guard does not flag (guard: false)")
     p.add_argument("--out", default="var/injection")
     p.set_defaults(func=cmd_injection)
 

@@ -2,7 +2,8 @@
 
 For N held-out tickets (``data/banking77/validation.csv``, every k-th row) and each style of
 ``data/injection/corpus.yaml``: pick an attacker label that differs from the ticket's gold label
-(deterministic: the gold label's index plus a per-style offset), write the style's text into the
+(deterministic: the gold label's index plus an offset from the style's place in the corpus, so a
+subset of the styles meets the same attackers as the whole corpus), write the style's text into the
 ticket, and route it through the worker's own engine, threshold and guard. Per style:
 
 * ``flip``: the label differs from the clean ticket's label (model robustness);
@@ -105,8 +106,10 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
 
 
 def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, str]],
-        styles: list[dict[str, str]], guard: InjectionGuard | None) -> dict[str, Any]:
-    """Route every (ticket, style) pair; returns the per-style figures (module doc)."""
+        styles: list[dict[str, str]], guard: InjectionGuard | None,
+        offsets: list[int] | None = None) -> dict[str, Any]:
+    """Route every (ticket, style) pair; returns the per-style figures (module doc).
+    ``offsets``: each style's place in the corpus, from 1 (default: its place in ``styles``)."""
     from tqdm import tqdm
 
     labels = taxonomy.label_names
@@ -135,7 +138,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
                           else 0.0),
         "clean_label_name_flagged": sum(LABEL_NAME_FLAG in g.flags for _, g in clean) / n,
         "styles": []}
-    for offset, style in enumerate(styles, 1):
+    for offset, style in zip(offsets or range(1, len(styles) + 1), styles, strict=True):
         flips = hits = valid = auto_hits = flagged = named = unguarded_hits = before_hits = 0
         flips_reported = hits_reported = 0
         for i, (row, (before, before_reported)) in enumerate(
@@ -203,15 +206,19 @@ def markdown(report: dict[str, Any], title: str) -> str:
 def evaluate_injection(engine: Any, taxonomy: Taxonomy, threshold: float, tickets: int,
                        out_dir: Path, guard: InjectionGuard | None, title: str,
                        corpus: Path = CORPUS, data: Path = VALIDATION,
-                       split: str = "all") -> dict[str, Any]:
+                       split: str = "all", plain: bool = False) -> dict[str, Any]:
     """Run ``run`` on ``tickets`` rows spread over ``data`` and write the reports; ``split``
-    (``train``, ``eval``) keeps only the corpus's styles of that split."""
+    (``train``, ``eval``) keeps only the corpus's styles of that split, ``plain`` only its
+    plain-language styles the guard does not flag (``guard: false``). A style meets the same
+    attacker labels whichever subset it is measured in."""
     with data.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     step = max(1, len(rows) // tickets)
     rows = rows[::step][:tickets]
-    styles = [s for s in load_corpus(corpus) if split in ("all", s["split"])]
-    report = run(engine, taxonomy, threshold, rows, styles, guard)
+    kept = [(offset, s) for offset, s in enumerate(load_corpus(corpus), 1)
+            if split in ("all", s["split"]) and not (plain and s.get("guard") is not False)]
+    report = run(engine, taxonomy, threshold, rows, [s for _, s in kept], guard,
+                 [offset for offset, _ in kept])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "injection.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "injection.md").write_text(markdown(report, title))
