@@ -67,3 +67,23 @@ def attempts_key(task_id: str) -> str:
 def backfill_checkpoint_key(source_digest: str) -> str:
     """Hash of ``{rows_submitted, ...}`` for one backfill source (file digest + column mapping)."""
     return f"{PREFIX}:backfill:{source_digest}"
+
+# ---- the worker's atomic hand-over from the queue (worker.transport) --------------------------
+#: Sorted set of in-flight lists: member ``inflight_key(consumer, queue)``, score the epoch
+#: seconds its consumer last polled. A list whose consumer has not polled for the visibility
+#: timeout belongs to a dead worker; any worker's sweep hands its message back.
+INFLIGHT_REGISTRY = f"{PREFIX}:inflight"
+#: Never written: a worker blocks on it (``BRPOP``) to wait out a refusal from Redis without
+#: spinning its event loop.
+BACKOFF_KEY = f"{PREFIX}:backoff"
+
+
+def inflight_key(consumer: str, queue: str) -> str:
+    """The list a consumer's ``BLMOVE`` moves one message into, atomically with the pop: it
+    holds the message between Redis handing it out and the ``unacked`` record (at most one)."""
+    return f"{INFLIGHT_REGISTRY}:{consumer}:{queue}"
+
+
+def inflight_queue(key: str) -> str:
+    """The queue of an ``inflight_key`` (consumer ids are hex, queue names may hold ``:``)."""
+    return key.split(":", 3)[3]

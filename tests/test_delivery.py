@@ -11,6 +11,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +290,105 @@ def test_transport_survives_redis_refusing_the_ack_and_the_requeue(own_redis: st
         assert client.hlen(keys.KOMBU_UNACKED) == 1  # the ack is done; the requeue waits
         # for the visibility timeout (kept in unacked, recorded), never lost
         assert client.hexists(keys.KOMBU_UNACKED, requeued.delivery_tag)
+
+
+_CONSUMER = """
+import sys
+from kombu import Connection, Queue
+with Connection(sys.argv[1], transport=sys.argv[2]) as conn:
+    def got(body, message):
+        print("got", body[0][0], flush=True)
+        message.ack()
+    with conn.Consumer(Queue("t.q", routing_key="t.q"), callbacks=[got]):
+        print("ready", flush=True)
+        while True:
+            try:
+                conn.drain_events(timeout=30)
+            except TimeoutError:
+                pass
+"""
+
+
+def _consumer(url: str, transport: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _CONSUMER, url, transport],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # blocked in its pop
+    return proc
+
+
+def _publish(url: str, n: int) -> None:
+    """One Celery protocol 2 message with argument ``n`` (the transport accepts no other)."""
+    from kombu import Connection, Queue
+
+    with Connection(url) as conn, conn.Producer() as producer:
+        producer.publish([[n], {}, {}], routing_key="t.q", headers={"task": "t", "id": str(n)},
+                         declare=[Queue("t.q", routing_key="t.q")])
+
+
+@pytest.mark.parametrize("transport", ["redis", "worker.transport:Transport"])
+def test_a_consumer_frozen_in_its_pop_and_killed_loses_nothing(own_redis: str,
+                                                               transport: str) -> None:
+    """Redis hands a message to a consumer blocked in its pop; the consumer, frozen (a starved
+    CPU, SIGSTOP) before it reads the reply, is killed. kombu's BRPOP has removed the message
+    and nothing records it: the stock transport loses it (the first case pins that down). Ours
+    moved it into the consumer's in-flight list, and a sweep after the visibility timeout
+    requeues it for a live consumer, which gets it once."""
+    client = redis.Redis.from_url(own_redis)
+    frozen = _consumer(own_redis, transport)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    _publish(own_redis, 1)
+    deadline = time.monotonic() + 5
+    while client.llen("t.q") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(frozen.pid, signal.SIGKILL)
+    frozen.wait(10)
+    assert client.llen("t.q") == 0 and client.hlen(keys.KOMBU_UNACKED) == 0  # handed out
+    held = [k for k in client.scan_iter(f"{keys.INFLIGHT_REGISTRY}:*") if client.llen(k)]
+    if transport == "redis":
+        assert held == []  # the stock transport: gone for good
+        return
+    assert len(held) == 1 and keys.inflight_queue(held[0].decode()) == "t.q"
+
+    from kombu import Connection
+    options = {"visibility_timeout": 1}
+    with Connection(own_redis, transport=transport, transport_options=options) as conn:
+        channel = conn.default_channel
+        channel.qos.restore_visible(num=10, interval=1)
+        assert client.llen("t.q") == 0  # its consumer polled less than 1 s ago
+        time.sleep(1.2)
+        channel.qos.restore_visible(num=10, interval=1)
+    assert client.llen("t.q") == 1 and client.zcard(keys.INFLIGHT_REGISTRY) == 0
+    rescuer = _consumer(own_redis, transport)
+    try:
+        assert rescuer.stdout is not None and rescuer.stdout.readline().split() == ["got", "1"]
+    finally:
+        rescuer.kill()
+        rescuer.wait(10)
+    assert client.llen("t.q") == 0 and client.hlen(keys.KOMBU_UNACKED) == 0
+
+
+def test_the_hand_over_records_and_restores_what_is_not_an_envelope(own_redis: str) -> None:
+    """An item that is not a kombu envelope is recorded with the pop under the tag its
+    malformed task carries, and a requeue puts the same bytes back; a closing channel gives
+    back what is left in its in-flight list."""
+    from kombu import Connection
+
+    from worker.transport import envelope_problem
+
+    client = redis.Redis.from_url(own_redis)
+    client.lpush("t.q", b"not json {")
+    with Connection(own_redis, transport="worker.transport:Transport") as conn:
+        channel = conn.default_channel
+        message = channel.basic_get("t.q")
+        assert envelope_problem(message._raw) is None  # the task that dead-letters it
+        assert client.hkeys(keys.KOMBU_UNACKED) == [message.delivery_tag.encode()]
+        message.reject(requeue=True)
+        assert client.lrange("t.q", 0, -1) == [b"not json {"] and not client.hlen("unacked")
+        assert channel.basic_get("t.q", no_ack=True) is not None
+        assert client.hlen(keys.KOMBU_UNACKED) == 0  # nothing acks it: nothing recorded
+
+        leftover = keys.inflight_key(channel.consumer_id, "t.q")
+        client.lpush(leftover, b"left in flight")
+        channel._inflight[leftover] = "t.q"
+    assert client.lrange("t.q", 0, -1) == [b"left in flight"] and not client.exists(leftover)
