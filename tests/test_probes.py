@@ -81,11 +81,14 @@ def test_queue_gauges_read_a_real_celery_message(producer: Producer,  # noqa: F8
     producer.submit({"ticket_id": "old-1", "text": "card?"})
     producer.submit({"ticket_id": "new-1", "text": "top up?"})
     r.hset(keys.KOMBU_UNACKED, "tag-1", "{}")
+    handed_out = keys.inflight_key("c0ffee", keys.ROUTE_QUEUE)  # a dead worker's, say
+    r.lpush(handed_out, "{}")
+    r.zadd(keys.INFLIGHT_REGISTRY, {handed_out: 0})
     registry = CollectorRegistry()
     registry.register(probes.QueueCollector(r))
     text = generate_latest(registry).decode()
     assert f'thinfleet_queue_depth{{queue="{keys.ROUTE_QUEUE}"}} 2.0' in text
-    assert f'thinfleet_queue_unacked{{queue="{keys.ROUTE_QUEUE}"}} 1.0' in text
+    assert f'thinfleet_queue_unacked{{queue="{keys.ROUTE_QUEUE}"}} 2.0' in text
     assert "thinfleet_queue_oldest_age_seconds{" in text
     # The oldest ticket is the list's right end; its age comes from the producer's enqueued_at.
     age_s = probes.oldest_age_s(r.lindex(keys.ROUTE_QUEUE, -1),

@@ -135,7 +135,9 @@ class QueueCollector(Collector):
 
     - ``thinfleet_queue_depth``: tickets waiting (``LLEN`` of the Celery queue list);
     - ``thinfleet_queue_unacked``: tickets delivered to a worker and not yet acknowledged
-      (kombu's ``unacked`` hash: prefetched or running, all queues of this Redis database);
+      (kombu's ``unacked`` hash: prefetched or running, all queues of this Redis database),
+      plus those in workers' in-flight lists (``keys.inflight_key``: handed out, not yet
+      recorded; a dead worker's stays there until a sweep hands it back);
     - ``thinfleet_queue_oldest_age_seconds``: age of the oldest waiting ticket (0 when empty).
 
     A Redis error yields no samples rather than failing the whole scrape.
@@ -149,15 +151,22 @@ class QueueCollector(Collector):
             pipe = self.client.pipeline(transaction=False)
             pipe.llen(self.queue)
             pipe.hlen(keys.KOMBU_UNACKED)
-            pipe.lindex(self.queue, -1)  # kombu LPUSHes and BRPOPs: the oldest is on the right
-            depth, unacked, oldest = pipe.execute()
+            pipe.lindex(self.queue, -1)  # kombu LPUSHes, workers pop: the oldest is on the right
+            pipe.zrange(keys.INFLIGHT_REGISTRY, 0, -1)
+            depth, unacked, oldest, inflight = pipe.execute()
+            if inflight:
+                pipe = self.client.pipeline(transaction=False)
+                for key in inflight:
+                    pipe.llen(key)
+                unacked += sum(pipe.execute())
         except (redis.RedisError, OSError):
             return
         labels = ["queue"]
         for name, doc, value in (
                 ("thinfleet_queue_depth", "Tickets waiting in the Celery queue (LLEN).", depth),
                 ("thinfleet_queue_unacked",
-                 "Tickets delivered to workers and not yet acknowledged (kombu unacked hash).",
+                 "Tickets delivered to workers and not yet acknowledged (kombu unacked hash "
+                 "and workers' in-flight lists).",
                  unacked),
                 ("thinfleet_queue_oldest_age_seconds",
                  "Age of the oldest waiting ticket, from its enqueued_at (0 when empty).",
