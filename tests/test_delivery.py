@@ -392,3 +392,34 @@ def test_the_hand_over_records_and_restores_what_is_not_an_envelope(own_redis: s
         client.lpush(leftover, b"left in flight")
         channel._inflight[leftover] = "t.q"
     assert client.lrange("t.q", 0, -1) == [b"left in flight"] and not client.exists(leftover)
+
+
+def test_a_claim_refused_at_maxmemory_waits_in_redis_and_backs_off(own_redis: str) -> None:
+    """Redis hands a message over, then refuses the claim's record (maxmemory, noeviction):
+    the message stays in the consumer's in-flight list, the consumer waits ``backoff_s``
+    between tries instead of spinning, and delivers it once Redis accepts writes again."""
+    client = redis.Redis.from_url(own_redis)
+    consumer = _consumer(own_redis, "worker.transport:Transport")
+    try:
+        os.kill(consumer.pid, signal.SIGSTOP)
+        _publish(own_redis, 7)
+        while client.llen("t.q"):
+            time.sleep(0.02)
+        client.config_set("maxmemory", 1)
+        client.config_resetstat()
+        os.kill(consumer.pid, signal.SIGCONT)
+        time.sleep(2)
+        held = [k for k in client.scan_iter(f"{keys.INFLIGHT_REGISTRY}:*") if client.llen(k)]
+        calls = {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+        client.config_set("maxmemory", 0)
+        assert len(held) == 1 and client.hlen(keys.KOMBU_UNACKED) == 0
+        assert calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0) <= 10  # ~2 s / 0.5 s
+        assert consumer.stdout is not None
+        lines: list[str] = []
+        while len(lines) < 20 and not (lines and lines[-1].startswith("got")):
+            lines.append(consumer.stdout.readline())  # structlog's warnings, then the message
+        assert lines[-1].split() == ["got", "7"]
+        assert sum("consume_refused_backing_off" in line for line in lines) <= 6
+    finally:
+        consumer.kill()
+        consumer.wait(10)
