@@ -19,7 +19,7 @@ Timings use short limits so that a run takes minutes (``SETTINGS``: visibility t
 hard time limit 10 s); production defaults are 300 s and 60 s, and recovery after a whole-worker
 loss scales with the visibility timeout.
 
-    make faults                       # every fault, 150 tickets each (about 10 minutes)
+    make faults                       # every fault, 150 tickets each (about 11 minutes)
     .venv/bin/python -m bench.faults --only redis_oom --tickets 60
 
 Writes ``var/faults/faults.md`` and ``faults.json`` and prints the table. Loopback only; every
@@ -201,6 +201,39 @@ def worker_kill(stack: Stack, n: int) -> Row:
             rescuer.stop()
 
 
+def worker_freeze_kill(stack: Stack, n: int) -> Row:
+    """A worker frozen (SIGSTOP: a starved or paused host) while blocked in its pop, sent a
+    burst, then killed: Redis hands the first ticket to the frozen parent, which never reads
+    it. kombu's stock ``BRPOP`` loses that ticket every time; thinfleet's hand-over keeps it in
+    the worker's in-flight list until a sweep requeues it."""
+    server = devstack.RedisServer(stack.workdir / "r-frozen").start()
+    client = redis.Redis.from_url(server.url)
+    frozen = stack.worker(server.url, "frozen")
+    try:
+        time.sleep(1)  # idle: the parent is blocked in its pop
+        pids = [frozen.proc.pid, *frozen.child_pids()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        ids = burst(server.url, "frozen", n)
+        time.sleep(1)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        frozen.proc.wait(10)
+        killed = time.monotonic()
+        held = sum(client.llen(k) for k in client.scan_iter(f"{keys.INFLIGHT_REGISTRY}:*"))
+        rescuer = stack.worker(server.url, "rescuer")
+        try:
+            return settle("worker frozen in its pop, then kill -9", client, ids, killed,
+                          f"{held} ticket handed to the frozen worker waits in its in-flight "
+                          f"list and comes back after the visibility timeout; kombu's stock "
+                          f"BRPOP loses it")
+        finally:
+            rescuer.stop()
+    finally:
+        frozen.stop()
+        server.stop()
+
+
 def redis_restart(stack: Stack, n: int, appendonly: bool) -> Row:
     name = "aof" if appendonly else "mem"
     with under_fault(stack, name, n, appendonly) as (server, client, _, ids):
@@ -343,6 +376,7 @@ def injection(stack: Stack, n: int) -> Row:
 FAULTS: dict[str, Callable[[Stack, int], Row]] = {
     "child_kill": child_kill,
     "worker_kill": worker_kill,
+    "worker_freeze_kill": worker_freeze_kill,
     "redis_restart_aof": lambda s, n: redis_restart(s, n, appendonly=True),
     "redis_oom": redis_oom,
     "s3_unreachable": lambda s, n: s3_boot(s, min(n, 20), corrupt=False),
