@@ -86,6 +86,16 @@ def test_label_names_are_erased_in_any_spelling_with_their_sentences() -> None:
         "Where is my card?", None)
     assert GUARD.erase_label_names("Attention top-up-failed team,\nmy card is late") == (
         "my card is late", None)
+    # ...but a header at the start that names one and runs into the customer's first sentence
+    # loses only the text up to the name; within three words of the start, six words after
+    assert GUARD.erase_label_names(
+        "About card arrival - I was charged twice for one coffee today. Why?") == (
+        "- I was charged twice for one coffee today. Why?", None)
+    assert GUARD.erase_label_names(
+        "Hoping this reaches the card arrival desk I was charged twice today. Why?") == (
+        "Why?", None)  # the name starts four words in: the sentence goes
+    assert GUARD.erase_label_names("Hi card arrival team, thanks. Why was I charged?") == (
+        "Why was I charged?", None)  # the header ends its own sentence: it goes whole
     # ...and when every sentence names one, only the names go
     assert GUARD.erase_label_names("Why is my exchange rate bad? And my top up failed too.") == (
         "Why is my bad? And my too.", None)

@@ -143,6 +143,17 @@ def _units(body: str) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
+def _runs_on_from_the_start(body: str, unit: tuple[int, int], first: int, last: int) -> bool:
+    """Whether the matches ``[first, last)`` in ``unit`` (``[start, end)`` offsets of ``body``)
+    are an attack prepended with no end of its own, running into the customer's first
+    sentence: the unit opens ``body``, the first match starts within ``EDGE_WORDS`` words of
+    it, and at least ``CUSTOMER_WORDS`` words follow the last match in the unit (or the unit
+    ends ``body``). Pure."""
+    start, end = unit
+    return (not body[:start].strip() and _words(body[start:first]) <= EDGE_WORDS
+            and (not body[end:].strip() or _words(body[last:end]) >= CUSTOMER_WORDS))
+
+
 def _redact(body: str, spans: list[tuple[int, int]]) -> str:
     """``body`` without the units (sentences, lines, bracketed groups) holding ``spans``
     (``[start, end)`` character offsets), whitespace folded.
@@ -175,8 +186,7 @@ def _redact(body: str, spans: list[tuple[int, int]]) -> str:
         first, last = min(s for s, _ in inside), max(e for _, e in inside)
         low, high = unit_start, min(c for c in cuts if c >= last)  # a match may cross a cut
         opens, closes = not body[:unit_start].strip(), not body[high:].strip()
-        if opens and _words(body[unit_start:first]) <= EDGE_WORDS and (
-                closes or _words(body[last:high]) >= CUSTOMER_WORDS):
+        if _runs_on_from_the_start(body, (unit_start, high), first, last):
             high = last  # prepended, running into the first sentence
         elif opens and closes:
             low = first  # appended to a ticket that is one run
@@ -220,9 +230,12 @@ class InjectionGuard:
                           ) -> tuple[str, str | None] | None:
         """``(text, subject)`` without the label names written in them, or None when they
         name no label. In each part, the units (sentences, lines, bracketed groups, as the
-        redaction cuts them) that name a label go whole when units that name none remain;
-        otherwise only the names go (a one-sentence ticket keeps its other words). A part the
-        erasure would empty keeps its text (None when that leaves nothing changed). Pure."""
+        redaction cuts them) that name a label go whole when units that name none remain,
+        except a header at the part's start that names a label and runs into the customer's
+        first sentence (``About card arrival - I ordered…``; ``_runs_on_from_the_start``), of
+        which only the text up to the last name goes; otherwise only the names go (a
+        one-sentence ticket keeps its other words). A part the erasure would empty keeps its
+        text (None when that leaves nothing changed). Pure."""
         if self.label_names is None:
             return None
         parts: list[str | None] = []
@@ -233,7 +246,15 @@ class InjectionGuard:
                 continue
             units = [(a, b) for a, b in _units(part) if part[a:b].strip()]
             named = [(a, b) for a, b in units if any(a <= s < b for s, _ in spans)]
-            erased = _erase(part, named if len(named) < len(units) else spans)
+            drop = spans
+            if len(named) < len(units):
+                drop = []
+                for a, b in named:
+                    first = min(s for s, _ in spans if a <= s < b)
+                    last = max(e for s, e in spans if a <= s < b)
+                    header = _runs_on_from_the_start(part, (a, b), first, last)
+                    drop.append((a, last) if header else (a, b))
+            erased = _erase(part, drop)
             parts.append(erased if erased else part)
         return None if (parts[0], parts[1]) == (text, subject) else (parts[0] or text, parts[1])
 
