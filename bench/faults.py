@@ -342,7 +342,7 @@ def injection(stack: Stack, n: int) -> Row:
     has the per-style table."""
     from models import load_taxonomy
     from thinfleet.demo import merged_router
-    from training.injection import evaluate_injection
+    from training.injection import evaluate_injection, is_attack
     from worker.acquire import resolve_model
     from worker.guard import InjectionGuard
     from worker.settings import WorkerSettings
@@ -361,7 +361,7 @@ def injection(stack: Stack, n: int) -> Row:
                                         taxonomy), "Prompt injection (fault suite)")
     finally:
         engine.close()
-    attacks = [s for s in report["styles"] if s["kind"] != "control"]
+    attacks = [s for s in report["styles"] if is_attack(s)]
     worst = max(attacks, key=lambda s: s["auto_to_attacker_route"])
     held_out = max((s for s in attacks if s["split"] == "eval"), key=lambda s: s["flip_reported"])
     sent = tickets * len(attacks)

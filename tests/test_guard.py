@@ -11,7 +11,7 @@ import pytest
 from models import RoutedResult, load_taxonomy
 from producer import Producer
 from thinfleet import devstack
-from training.injection import inject, load_corpus
+from training.injection import inject, is_attack, load_corpus
 from worker.engine import LabelHead, RouteOutcome
 from worker.guard import LABEL_NAME_FLAG, InjectionGuard, guarded_route
 
@@ -30,14 +30,14 @@ def test_no_genuine_validation_ticket_is_flagged() -> None:
 def test_every_attack_style_is_flagged_and_no_control(style: dict[str, str]) -> None:
     text = inject("My transfer has not arrived yet.", style, "card_arrival",
                   "Where is my new card?")
-    if style["kind"] == "control" or style.get("guard") is False:  # content, or plain language
+    if not is_attack(style) or style.get("guard") is False:  # content, or plain language
         assert GUARD.signals(text) == []
     else:
         assert GUARD.signals(text), text
 
 
 @pytest.mark.parametrize("style", [s for s in load_corpus(ROOT / "data" / "injection" / "corpus.yaml")
-                                   if s["kind"] != "control" and s.get("guard") is not False],
+                                   if is_attack(s) and s.get("guard") is not False],
                          ids=lambda s: s["name"])
 def test_redaction_keeps_the_ticket_and_drops_the_attack(style: dict[str, str]) -> None:
     ticket = "My transfer has not arrived yet. It was sent on Monday."

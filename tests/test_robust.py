@@ -11,7 +11,7 @@ import pytest
 
 from models import ModelRef, RoutedResult, TicketEvent, load_taxonomy
 from models.manifest import Manifest
-from training.injection import inject, load_corpus
+from training.injection import inject, is_attack, load_corpus
 from worker.engine import LabelHead, RouteOutcome, RoutingEngine
 from worker.guard import LABEL_NAME_FLAG, InjectionGuard, guarded_route
 
@@ -39,7 +39,7 @@ def attacked(engine: RoutingEngine, rows: list[dict[str, str]]) -> tuple[int, in
     """(label flips, labels landing on the attacker's, routes) over every held-out attack
     style (not the controls) applied to ``rows``."""
     labels = engine.taxonomy.label_names
-    styles = [s for s in load_corpus() if s["split"] == "eval" and s["kind"] != "control"]
+    styles = [s for s in load_corpus() if s["split"] == "eval" and is_attack(s)]
     flips = hits = total = 0
     for i, row in enumerate(rows):
         clean = engine.route(row["text"]).label
@@ -86,7 +86,7 @@ def test_the_reported_label_is_read_without_the_attack(robust: RoutingEngine,
     flags, the label read from the redacted ticket is the clean ticket's label."""
     guard = InjectionGuard.for_taxonomy(robust.taxonomy)
     labels = robust.taxonomy.label_names
-    styles = [s for s in load_corpus() if s["split"] == "eval" and s["kind"] != "control"
+    styles = [s for s in load_corpus() if s["split"] == "eval" and is_attack(s)
               and s.get("guard") is not False]
     kept = total = 0
     for i, row in enumerate(rows):

@@ -259,7 +259,8 @@ def cmd_injection(args: argparse.Namespace) -> int:
     guard = None if args.no_guard else InjectionGuard.for_taxonomy(taxonomy)
     title = f"Prompt injection: {spec.name}" + (" without the guard" if args.no_guard else "")
     evaluate_injection(engine, taxonomy, taxonomy.threshold_for(spec.threshold), args.tickets,
-                       Path(args.out), guard, title, split=args.split, plain=args.plain)
+                       Path(args.out), guard, title, split=args.split, plain=args.plain,
+                       only=args.style)
     print((Path(args.out) / "injection.md").read_text())
     return 0
 
@@ -419,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the corpus's train or eval styles (default: all)")
     p.add_argument("--plain", action="store_true",
                    help="only the plain-language styles the guard does not flag (guard: false)")
+    p.add_argument("--style", action="append", metavar="NAME",
+                   help="only this corpus style (repeatable)")
     p.add_argument("--out", default="var/injection")
     p.set_defaults(func=cmd_injection)
 

@@ -19,6 +19,9 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
   flagged sentences, ``THINFLEET_INJECTION_REDACT``, and pooled with its reading without the
   sentences naming a label when it names one, ``THINFLEET_INJECTION_NAME_CHECK``), against the
   label it reports for the clean ticket;
+* ``flip_reported_to_gold``, ``flip_reported_from_gold``: the reported flips that mend a wrong
+  clean label (to the gold label) and those that break a right one (away from it); the rest
+  move between two wrong labels;
 * ``label_name_flagged``: the label-name check fired (``injection:label_name``, fallback
   route);
 * the same auto-route figure without the guard, and for the router before calibration (head
@@ -44,12 +47,21 @@ from worker.guard import LABEL_NAME_FLAG, Guarded, InjectionGuard, guarded_route
 
 CORPUS = Path("data/injection/corpus.yaml")
 VALIDATION = Path("data/banking77/validation.csv")
+#: style kinds that are not attacks: ``control`` adds real content (a second question),
+#: ``benign`` harmless words naming no label (the floor of flips any added text causes); both
+#: are reported beside the attacks, never targeted and never trained on
+CONTROL_KINDS = ("control", "benign")
 
 
 def load_corpus(path: Path = CORPUS) -> list[dict[str, str]]:
     """The corpus's styles (``name``, ``split``, ``kind``, ``where``, ``template``, and
     ``guard: false`` for plain-language styles the guard does not flag)."""
     return list(yaml.safe_load(path.read_text())["styles"])
+
+
+def is_attack(style: dict[str, str]) -> bool:
+    """Whether ``style`` is an attack (not one of ``CONTROL_KINDS``)."""
+    return style["kind"] not in CONTROL_KINDS
 
 
 def inject(text: str, style: dict[str, str], label: str, question: str) -> str:
@@ -77,7 +89,7 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
             corpus: Path = CORPUS, grammar_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
-    ``eval`` style, never a ``control``) naming another label, and the row's **gold** label
+    ``eval`` style, never a control) naming another label, and the row's **gold** label
     kept, so the model learns that text inside the ticket does not choose the label.
     ``grammar_share`` of them take a plain-language attack composed from the corpus's
     ``grammar`` instead (``compose``). Deterministic for a seed; a style's ``{question}`` comes
@@ -85,7 +97,7 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     text)`` pairs."""
     import random
 
-    styles = [s for s in load_corpus(corpus) if s["split"] == "train" and s["kind"] != "control"]
+    styles = [s for s in load_corpus(corpus) if s["split"] == "train" and is_attack(s)]
     if share <= 0 or not styles or not rows:
         return []
     grammar = yaml.safe_load(corpus.read_text()).get("grammar") if grammar_share > 0 else None
@@ -140,7 +152,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
         "styles": []}
     for offset, style in zip(offsets or range(1, len(styles) + 1), styles, strict=True):
         flips = hits = valid = auto_hits = flagged = named = unguarded_hits = before_hits = 0
-        flips_reported = hits_reported = 0
+        flips_reported = hits_reported = to_gold = from_gold = 0
         for i, (row, (before, before_reported)) in enumerate(
                 zip(tqdm(rows, desc=style["name"], unit="ticket"), clean, strict=True)):
             gold = row["category"]
@@ -155,6 +167,8 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             flips += outcome.label != before.label
             hits += outcome.label == attacker
             flips_reported += reported.label != before_reported.outcome.label
+            to_gold += reported.label == gold != before_reported.outcome.label
+            from_gold += before_reported.outcome.label == gold != reported.label
             hits_reported += reported.label == attacker
             valid += outcome.label in routes and reported.label in routes
             flagged += bool(signals)
@@ -171,6 +185,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             "style": style["name"], "split": style["split"], "kind": style["kind"],
             "flip": flips / n, "to_attacker_label": hits / n, "valid": valid / n,
             "flip_reported": flips_reported / n, "to_attacker_label_reported": hits_reported / n,
+            "flip_reported_to_gold": to_gold / n, "flip_reported_from_gold": from_gold / n,
             "auto_to_attacker_route": auto_hits / n, "flagged": flagged / n,
             "label_name_flagged": named / n,
             "auto_to_attacker_route_without_guard": unguarded_hits / n,
@@ -187,14 +202,16 @@ def markdown(report: dict[str, Any], title: str) -> str:
              f"flags on clean tickets {report['clean_flagged']:.1%}, label-name check "
              f"{report.get('clean_label_name_flagged', 0.0):.1%}; auto-route threshold "
              f"{report['threshold']:.3f}.", "",
-             "| style | split | kind | label flips: model / **reported** | "
+             "| style | split | kind | label flips: model / **reported** (mending / "
+             "breaking the gold label) | "
              "to attacker's label: model / **reported** | valid labels | "
              "flagged: guard / label-name check | auto-routed to the attacker's route: before "
              "(T = 1, 0.35, no guard) | calibrated threshold | **+ guard (shipped)** |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["styles"]:
         lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
-                     f"**{s['flip_reported']:.1%}** | {s['to_attacker_label']:.1%} / "
+                     f"**{s['flip_reported']:.1%}**{_direction(s)} | "
+                     f"{s['to_attacker_label']:.1%} / "
                      f"**{s['to_attacker_label_reported']:.1%}** | {s['valid']:.0%} | "
                      f"{s['flagged']:.0%} / {s['label_name_flagged']:.1%} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
@@ -203,20 +220,35 @@ def markdown(report: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _direction(style: dict[str, Any]) -> str:
+    """`` (a / b)``: the reported flips to and away from the gold label (older reports: "")."""
+    if "flip_reported_to_gold" not in style:
+        return ""
+    return (f" ({style['flip_reported_to_gold']:.1%} / "
+            f"{style['flip_reported_from_gold']:.1%})")
+
+
 def evaluate_injection(engine: Any, taxonomy: Taxonomy, threshold: float, tickets: int,
                        out_dir: Path, guard: InjectionGuard | None, title: str,
                        corpus: Path = CORPUS, data: Path = VALIDATION,
-                       split: str = "all", plain: bool = False) -> dict[str, Any]:
+                       split: str = "all", plain: bool = False,
+                       only: list[str] | None = None) -> dict[str, Any]:
     """Run ``run`` on ``tickets`` rows spread over ``data`` and write the reports; ``split``
     (``train``, ``eval``) keeps only the corpus's styles of that split, ``plain`` only its
-    plain-language styles the guard does not flag (``guard: false``). A style meets the same
-    attacker labels whichever subset it is measured in."""
+    plain-language styles the guard does not flag (``guard: false``), ``only`` (style names)
+    only those. A style meets the same attacker labels whichever subset it is measured in.
+    Raises ``ValueError`` for a name in ``only`` that is not in the corpus."""
     with data.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     step = max(1, len(rows) // tickets)
     rows = rows[::step][:tickets]
-    kept = [(offset, s) for offset, s in enumerate(load_corpus(corpus), 1)
-            if split in ("all", s["split"]) and not (plain and s.get("guard") is not False)]
+    corpus_styles = load_corpus(corpus)
+    unknown = sorted(set(only or ()) - {s["name"] for s in corpus_styles})
+    if unknown:
+        raise ValueError(f"not in {corpus}: {', '.join(unknown)}")
+    kept = [(offset, s) for offset, s in enumerate(corpus_styles, 1)
+            if split in ("all", s["split"]) and not (plain and s.get("guard") is not False)
+            and (not only or s["name"] in only)]
     report = run(engine, taxonomy, threshold, rows, [s for _, s in kept], guard,
                  [offset for offset, _ in kept])
     out_dir.mkdir(parents=True, exist_ok=True)
