@@ -50,6 +50,30 @@ def test_composed_attacks_keep_the_gold_label_and_reuse_no_eval_wording() -> Non
                                                                              seed=13)
 
 
+def test_benign_copies_carry_no_label_and_no_eval_wording() -> None:
+    """``--injection-benign``: harmless words only, the gold label kept, and none of an eval
+    style's fixed words (the benign controls are held out from it)."""
+    import re
+
+    from training.injection import CONTROL_KINDS
+
+    extra = augment(ROWS, LABELS, 1.0, seed=7, grammar_share=0.5, benign_share=1.0)
+    assert len(extra) == len(ROWS) and len({text for _, text in extra}) > 40
+    fixed = [part.strip() for s in load_corpus() if s["split"] == "eval"
+             for part in re.split(r"\{\w+\}", s["template"]) if len(part.strip()) >= 6]
+    words = {w for label in LABELS for w in label.split("_") if len(w) > 3}
+    for index, text in extra:
+        source, _ = ROWS[index]
+        added = text.replace(source, "")
+        assert source in text and added.strip()
+        assert not any(part in added for part in fixed), added
+        assert not words & set(re.findall(r"[a-z]+", added.lower())), added
+    assert {"benign"} < set(CONTROL_KINDS)
+    # a benign share of 0 draws as before: the shipped recipe's rows are reproduced
+    assert augment(ROWS, LABELS, 1.0, seed=5, grammar_share=0.5) == augment(
+        ROWS, LABELS, 1.0, seed=5, grammar_share=0.5, benign_share=0.0)
+
+
 def test_a_subset_of_styles_meets_the_same_attackers_as_the_whole_corpus(tmp_path: Path) -> None:
     """``thinfleet injection --split eval --plain`` reports the same figures for a style as the
     full run: the attacker label comes from the style's place in the corpus (a stand-in

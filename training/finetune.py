@@ -90,6 +90,9 @@ class Recipe:
     #: the share of those injected rows whose attack is composed from the corpus's plain-
     #: language ``grammar`` instead of a style (``training.injection.compose``)
     injection_grammar: float = 0.0
+    #: the share of those rows that carry no attack, only harmless words from the corpus's
+    #: ``benign`` grammar (consistency training, ``training.injection.benign_text``)
+    injection_benign: float = 0.0
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
@@ -445,7 +448,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         from training.injection import augment
 
         extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed,
-                        grammar_share=recipe.injection_grammar)
+                        grammar_share=recipe.injection_grammar,
+                        benign_share=recipe.injection_benign)
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]

@@ -85,22 +85,40 @@ def compose(rng: Any, grammar: dict[str, list[str]], words: str) -> tuple[str, s
     return text + rng.choice(grammar["ends"]), rng.choice(["prepend", "append"])
 
 
+def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
+    """``text`` with harmless words from the corpus's ``benign`` grammar: an opener before it
+    (a third of the time), a closer after it (a third) or both (a third)."""
+    form = rng.randrange(3)
+    if form != 1:
+        text = f"{rng.choice(benign['openers'])} {text}"
+    if form != 0:
+        text = f"{text} {rng.choice(benign['closers'])}"
+    return text
+
+
 def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
-            corpus: Path = CORPUS, grammar_share: float = 0.0) -> list[tuple[int, str]]:
+            corpus: Path = CORPUS, grammar_share: float = 0.0,
+            benign_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
     ``eval`` style, never a control) naming another label, and the row's **gold** label
     kept, so the model learns that text inside the ticket does not choose the label.
     ``grammar_share`` of them take a plain-language attack composed from the corpus's
-    ``grammar`` instead (``compose``). Deterministic for a seed; a style's ``{question}`` comes
-    from another row of the attacker's label. Returns ``(index of the source row, injected
-    text)`` pairs."""
+    ``grammar`` instead (``compose``). ``benign_share`` of them carry no attack at all, only
+    harmless words (``benign_text``): consistency training (the label must not move when words
+    that say nothing about the route are added; Xie et al. 2020, "Unsupervised Data
+    Augmentation for Consistency Training", arXiv:1904.12848, with the gold label kept). With
+    both shares 0 the rows are those of earlier recipes, draw for draw. Deterministic for a
+    seed; a style's ``{question}`` comes from another row of the attacker's label. Returns
+    ``(index of the source row, augmented text)`` pairs."""
     import random
 
     styles = [s for s in load_corpus(corpus) if s["split"] == "train" and is_attack(s)]
     if share <= 0 or not styles or not rows:
         return []
-    grammar = yaml.safe_load(corpus.read_text()).get("grammar") if grammar_share > 0 else None
+    document = yaml.safe_load(corpus.read_text())
+    grammar = document.get("grammar") if grammar_share > 0 else None
+    benign = document.get("benign") if benign_share > 0 else None
     rng = random.Random(seed)
     by_label: dict[str, list[str]] = {}
     for text, label in rows:
@@ -108,6 +126,9 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     out = []
     for index in rng.sample(range(len(rows)), min(len(rows), round(share * len(rows)))):
         text, gold = rows[index]
+        if benign and rng.random() < benign_share:
+            out.append((index, benign_text(rng, benign, text)))
+            continue
         attacker = rng.choice([label for label in labels if label != gold])
         if grammar and rng.random() < grammar_share:
             out.append((index, place(text, *compose(rng, grammar, attacker.replace("_", " ")))))
