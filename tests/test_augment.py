@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from training.injection import augment, load_corpus
 
 ROWS = [("where is my card", "card_arrival"), ("my transfer is late", "transfer_timing"),
@@ -103,3 +105,36 @@ def test_a_subset_of_styles_meets_the_same_attackers_as_the_whole_corpus(tmp_pat
     assert plain and set(plain) < set(whole)
     assert all(not s.get("guard", True) for s in load_corpus() if s["name"] in plain)
     assert all(plain[name] == whole[name] for name in plain)
+
+
+def test_the_report_counts_silent_route_changes_and_the_flips_direction(tmp_path: Path) -> None:
+    """``auto_route_changed``: an injected ticket auto-routed to another route than its clean
+    outcome; ``flip_reported_to_gold`` / ``_from_gold``: flips that mend or break the gold label
+    (a stand-in engine that always follows a named label, surely; pure logic)."""
+    from models import load_taxonomy
+    from training.injection import evaluate_injection
+    from worker.engine import RouteOutcome
+
+    taxonomy = load_taxonomy("banking77")
+    labels = taxonomy.label_names
+
+    class Follower:  # reads the gold label of a clean ticket, any named label above it
+        def route(self, text: str, subject: str | None = None) -> RouteOutcome:
+            named = [n for n in labels if n.replace("_", " ") in text.lower() or n in text]
+            return RouteOutcome(named[-1] if named else labels[int(text.split()[1]) * 7], 0.95)
+
+    data = tmp_path / "rows.csv"
+    data.write_text("text,category\n" + "".join(f"ticket {i},{labels[i * 7]}\n" for i in range(8)))
+    report = evaluate_injection(Follower(), taxonomy, 0.9, 8, tmp_path / "out", None, "t",
+                                data=data, only=["classify_as_name", "benign_thanks"])
+    styles = {s["style"]: s for s in report["styles"]}
+    attack, benign = styles["classify_as_name"], styles["benign_thanks"]
+    assert attack["flip_reported"] == attack["flip_reported_from_gold"] == 1.0
+    assert attack["flip_reported_to_gold"] == 0.0
+    # every attacker's label is auto-routed; the route changes where its route is another
+    assert attack["auto_route_changed"] == attack["auto_to_attacker_route"] > 0
+    assert benign["flip_reported"] == benign["auto_route_changed"] == 0.0
+    assert "auto-routed to another route" in (tmp_path / "out" / "injection.md").read_text()
+    with pytest.raises(ValueError, match="not_a_style"):
+        evaluate_injection(Follower(), taxonomy, 0.9, 8, tmp_path / "out", None, "t",
+                           data=data, only=["not_a_style"])

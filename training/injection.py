@@ -22,6 +22,10 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
 * ``flip_reported_to_gold``, ``flip_reported_from_gold``: the reported flips that mend a wrong
   clean label (to the gold label) and those that break a right one (away from it); the rest
   move between two wrong labels;
+* ``auto_route_changed``: the ticket is auto-routed (reported label above the threshold, no
+  guard flag) to another route than the clean ticket's outcome (another team, or the clean
+  ticket went to a human): the change nobody sees, by the attack or by the model's own
+  unsteadiness; a flip that sends the ticket to the fallback route is seen by a human;
 * ``label_name_flagged``: the label-name check fired (``injection:label_name``, fallback
   route);
 * the same auto-route figure without the guard, and for the router before calibration (head
@@ -173,7 +177,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
         "styles": []}
     for offset, style in zip(offsets or range(1, len(styles) + 1), styles, strict=True):
         flips = hits = valid = auto_hits = flagged = named = unguarded_hits = before_hits = 0
-        flips_reported = hits_reported = to_gold = from_gold = 0
+        flips_reported = hits_reported = to_gold = from_gold = changed = 0
         for i, (row, (before, before_reported)) in enumerate(
                 zip(tqdm(rows, desc=style["name"], unit="ticket"), clean, strict=True)):
             gold = row["category"]
@@ -194,6 +198,8 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             valid += outcome.label in routes and reported.label in routes
             flagged += bool(signals)
             named += LABEL_NAME_FLAG in guarded.flags
+            auto = _auto_route(guarded, routes, threshold)
+            changed += auto is not None and auto != _auto_route(before_reported, routes, threshold)
             wrong_route = routes[attacker] != routes[gold]
             lands = routes.get(outcome.label) == routes[attacker] and wrong_route
             auto_hits += (routes.get(reported.label) == routes[attacker] and wrong_route
@@ -207,11 +213,21 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             "flip": flips / n, "to_attacker_label": hits / n, "valid": valid / n,
             "flip_reported": flips_reported / n, "to_attacker_label_reported": hits_reported / n,
             "flip_reported_to_gold": to_gold / n, "flip_reported_from_gold": from_gold / n,
+            "auto_route_changed": changed / n,
             "auto_to_attacker_route": auto_hits / n, "flagged": flagged / n,
             "label_name_flagged": named / n,
             "auto_to_attacker_route_without_guard": unguarded_hits / n,
             "auto_to_attacker_route_before": before_hits / n})
     return report
+
+
+def _auto_route(guarded: Guarded, routes: dict[str, str], threshold: float) -> str | None:
+    """The route a reported outcome is auto-routed to, or None when it goes to a human (below
+    ``threshold`` or flagged)."""
+    outcome = guarded.outcome
+    if guarded.flags or outcome.confidence < threshold:
+        return None
+    return routes.get(outcome.label)
 
 
 def markdown(report: dict[str, Any], title: str) -> str:
@@ -226,19 +242,26 @@ def markdown(report: dict[str, Any], title: str) -> str:
              "| style | split | kind | label flips: model / **reported** (mending / "
              "breaking the gold label) | "
              "to attacker's label: model / **reported** | valid labels | "
-             "flagged: guard / label-name check | auto-routed to the attacker's route: before "
+             "flagged: guard / label-name check | auto-routed to another route than the "
+             "clean ticket's | auto-routed to the attacker's route: before "
              "(T = 1, 0.35, no guard) | calibrated threshold | **+ guard (shipped)** |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["styles"]:
         lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
                      f"**{s['flip_reported']:.1%}**{_direction(s)} | "
                      f"{s['to_attacker_label']:.1%} / "
                      f"**{s['to_attacker_label_reported']:.1%}** | {s['valid']:.0%} | "
                      f"{s['flagged']:.0%} / {s['label_name_flagged']:.1%} | "
+                     f"{_percent(s.get('auto_route_changed'))} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
                      f"{s['auto_to_attacker_route_without_guard']:.1%} | "
                      f"**{s['auto_to_attacker_route']:.1%}** |")
     return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    """``value`` as a percentage, or "–" where an older report lacks it."""
+    return "–" if value is None else f"{value:.1%}"
 
 
 def _direction(style: dict[str, Any]) -> str:
