@@ -23,9 +23,9 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
   clean label (to the gold label) and those that break a right one (away from it); the rest
   move between two wrong labels;
 * ``auto_route_changed``: the ticket is auto-routed (reported label above the threshold, no
-  guard flag) to another route than the clean ticket's outcome (another team, or the clean
-  ticket went to a human): the change nobody sees, by the attack or by the model's own
-  unsteadiness; a flip that sends the ticket to the fallback route is seen by a human;
+  guard flag) to another route than the clean ticket's reported label's: another team, and
+  nobody sees it, whether the attack or the model's own unsteadiness moved it; a flip that
+  sends the ticket to the fallback route is seen by a human;
 * ``label_name_flagged``: the label-name check fired (``injection:label_name``, fallback
   route);
 * the same auto-route figure without the guard, and for the router before calibration (head
@@ -199,7 +199,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
             flagged += bool(signals)
             named += LABEL_NAME_FLAG in guarded.flags
             auto = _auto_route(guarded, routes, threshold)
-            changed += auto is not None and auto != _auto_route(before_reported, routes, threshold)
+            changed += auto is not None and auto != routes.get(before_reported.outcome.label)
             wrong_route = routes[attacker] != routes[gold]
             lands = routes.get(outcome.label) == routes[attacker] and wrong_route
             auto_hits += (routes.get(reported.label) == routes[attacker] and wrong_route
