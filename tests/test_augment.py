@@ -14,6 +14,14 @@ ROWS = [("where is my card", "card_arrival"), ("my transfer is late", "transfer_
 LABELS = sorted({label for _, label in ROWS})
 
 
+def eval_wording() -> list[str]:
+    """Every eval style's fixed words: its template without placeholders, 6 characters or more."""
+    import re
+
+    return [part.strip() for s in load_corpus() if s["split"] == "eval"
+            for part in re.split(r"\{\w+\}", s["template"]) if len(part.strip()) >= 6]
+
+
 def test_augmented_rows_keep_the_gold_label_and_use_only_training_styles() -> None:
     extra = augment(ROWS, LABELS, 0.5, seed=13)
     assert len(extra) == 50
@@ -35,13 +43,10 @@ def test_augmentation_is_deterministic_and_off_by_default() -> None:
 
 
 def test_composed_attacks_keep_the_gold_label_and_reuse_no_eval_wording() -> None:
-    import re
 
     extra = augment(ROWS, LABELS, 1.0, seed=5, grammar_share=1.0)
     assert len(extra) == len(ROWS) and len({text for _, text in extra}) > 40
-    # every eval style's fixed words (its template without placeholders), none in training
-    fixed = [part.strip() for s in load_corpus() if s["split"] == "eval"
-             for part in re.split(r"\{\w+\}", s["template"]) if len(part.strip()) >= 6]
+    fixed = eval_wording()  # none of it in training
     for index, text in extra:
         source, gold = ROWS[index]
         attack = text.replace(source, "")
@@ -61,8 +66,7 @@ def test_benign_copies_carry_no_label_and_no_eval_wording() -> None:
 
     extra = augment(ROWS, LABELS, 1.0, seed=7, grammar_share=0.5, benign_share=1.0)
     assert len(extra) == len(ROWS) and len({text for _, text in extra}) > 40
-    fixed = [part.strip() for s in load_corpus() if s["split"] == "eval"
-             for part in re.split(r"\{\w+\}", s["template"]) if len(part.strip()) >= 6]
+    fixed = eval_wording()
     words = {w for label in LABELS for w in label.split("_") if len(w) > 3}
     for index, text in extra:
         source, _ = ROWS[index]
@@ -109,7 +113,7 @@ def test_a_subset_of_styles_meets_the_same_attackers_as_the_whole_corpus(tmp_pat
 
 def test_the_report_counts_silent_route_changes_and_the_flips_direction(tmp_path: Path) -> None:
     """``auto_route_changed``: an injected ticket auto-routed to another route than its clean
-    outcome; ``flip_reported_to_gold`` / ``_from_gold``: flips that mend or break the gold label
+    reading's label's; ``flip_reported_to_gold`` / ``_from_gold``: flips that mend or break the gold label
     (a stand-in engine that always follows a named label, surely; pure logic)."""
     from models import load_taxonomy
     from training.injection import evaluate_injection

@@ -248,28 +248,16 @@ def markdown(report: dict[str, Any], title: str) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["styles"]:
         lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
-                     f"**{s['flip_reported']:.1%}**{_direction(s)} | "
+                     f"**{s['flip_reported']:.1%}** ({s['flip_reported_to_gold']:.1%} / "
+                     f"{s['flip_reported_from_gold']:.1%}) | "
                      f"{s['to_attacker_label']:.1%} / "
                      f"**{s['to_attacker_label_reported']:.1%}** | {s['valid']:.0%} | "
                      f"{s['flagged']:.0%} / {s['label_name_flagged']:.1%} | "
-                     f"{_percent(s.get('auto_route_changed'))} | "
+                     f"{s['auto_route_changed']:.1%} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
                      f"{s['auto_to_attacker_route_without_guard']:.1%} | "
                      f"**{s['auto_to_attacker_route']:.1%}** |")
     return "\n".join(lines) + "\n"
-
-
-def _percent(value: float | None) -> str:
-    """``value`` as a percentage, or "–" where an older report lacks it."""
-    return "–" if value is None else f"{value:.1%}"
-
-
-def _direction(style: dict[str, Any]) -> str:
-    """`` (a / b)``: the reported flips to and away from the gold label (older reports: "")."""
-    if "flip_reported_to_gold" not in style:
-        return ""
-    return (f" ({style['flip_reported_to_gold']:.1%} / "
-            f"{style['flip_reported_from_gold']:.1%})")
 
 
 def evaluate_injection(engine: Any, taxonomy: Taxonomy, threshold: float, tickets: int,
