@@ -43,7 +43,6 @@ def test_augmentation_is_deterministic_and_off_by_default() -> None:
 
 
 def test_composed_attacks_keep_the_gold_label_and_reuse_no_eval_wording() -> None:
-
     extra = augment(ROWS, LABELS, 1.0, seed=5, grammar_share=1.0)
     assert len(extra) == len(ROWS) and len({text for _, text in extra}) > 40
     fixed = eval_wording()  # none of it in training
