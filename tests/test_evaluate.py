@@ -25,6 +25,15 @@ def test_baseline_never_trains_on_evaluation_rows() -> None:
     assert baseline_rows(rows, [("b", "y")]) == [("a", "x"), ("c", "x")]
 
 
+def test_confident_errors_are_the_wrong_labels_surest_first() -> None:
+    from training.evaluate import Predictions, confident_errors
+
+    predictions = Predictions(["a", "b", "c", "d"], [0.9, 0.99, 0.5, 0.7], [])
+    errors = confident_errors(["t0", "t1", "t2", "t3"], ["a", "x", "y", "z"], predictions, 2)
+    assert [(e["text"], e["gold"], e["label"]) for e in errors] == [("t1", "x", "b"),
+                                                                     ("t3", "z", "d")]
+
+
 def test_eval_command_reports_model_beside_baseline(tmp_path: Path) -> None:
     from thinfleet.cli import main
 
@@ -43,4 +52,9 @@ def test_eval_command_reports_model_beside_baseline(tmp_path: Path) -> None:
     assert report["model"]["n"] == report["baseline"]["n"] == 11
     for system in ("model", "baseline"):
         assert 0 <= report[system]["accuracy"] <= 1 and 0 <= report[system]["ece"] <= 1
-    assert "TF-IDF baseline" in (out / "eval.md").read_text()
+    errors = report["model"]["confident_errors"]  # the base model is near chance: it errs
+    assert errors and all(e["gold"] != e["label"] for e in errors)
+    assert [e["confidence"] for e in errors] == sorted((e["confidence"] for e in errors),
+                                                       reverse=True)
+    text = (out / "eval.md").read_text()
+    assert "TF-IDF baseline" in text and "Most confident errors" in text

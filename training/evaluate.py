@@ -10,7 +10,8 @@ Metrics (scikit-learn where it has them): accuracy, macro-F1, per-label precisio
 (worst first), the most frequent confusion pairs, valid-label rate, expected calibration error
 (15 equal-width bins, Guo et al. 2017, arXiv:1706.04599), coverage and precision at the
 threshold in force, the risk–coverage curve's AURC and coverage at 95/98/99 % precision
-(Geifman & El-Yaniv 2017, ``training.calibrate``), and p50/p95 latency per ticket.
+(Geifman & El-Yaniv 2017, ``training.calibrate``), p50/p95 latency per ticket, and the model's
+most confident errors (``confident_errors``): the tickets a precision target meets first.
 
 When the rows carry gold extraction fields (``gold_fields``), the report also scores each of
 the taxonomy's fields (``field_scores``): exact match and token-F1 after SQuAD's answer
@@ -103,6 +104,20 @@ def score(gold: list[str], predictions: Predictions, taxonomy: Taxonomy,
         "confusion_pairs": [{"gold": g, "predicted": p, "count": c}
                             for (g, p), c in confusions.most_common(15)],
     }
+
+
+def confident_errors(texts: list[str], gold: list[str], predictions: Predictions,
+                     count: int = 15) -> list[dict[str, Any]]:
+    """The ``count`` wrong labels with the highest confidence, highest first: ``text``,
+    ``gold``, ``label``, ``confidence`` (the model's, as served). These set the coverage at a
+    high precision target; reading them tells a wrong router from a wrong gold label, which
+    public data sets have too (Banking77: Ying and Thomas 2022, "Label Errors in BANKING77",
+    ACL Insights workshop, estimate that about 14 % of its training utterances may be
+    mislabelled)."""
+    wrong = [i for i, (g, p) in enumerate(zip(gold, predictions.labels, strict=True)) if g != p]
+    wrong.sort(key=lambda i: -predictions.confidences[i])
+    return [{"text": texts[i], "gold": gold[i], "label": predictions.labels[i],
+             "confidence": float(predictions.confidences[i])} for i in wrong[:count]]
 
 
 def predict_engine(engine: Any, texts: list[str], progress: bool = True) -> Predictions:
@@ -370,6 +385,14 @@ def markdown_report(report: dict[str, Any]) -> str:
               "| --- | --- | --- |"]
     lines += [f"| {c['gold']} | {c['predicted']} | {c['count']} |"
               for c in model["confusion_pairs"][:10]]
+    if model.get("confident_errors"):
+        lines += ["", "## Most confident errors (model)", "",
+                  "The wrong labels a precision target meets first; some gold labels are "
+                  "wrong too.", "", "| confidence | gold | predicted | ticket |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {e['confidence']:.3f} | {e['gold']} | {e['label']} | "
+                  f"{' '.join(e['text'].split()).replace('|', '/')[:160]} |"
+                  for e in model["confident_errors"]]
     return "\n".join(lines) + "\n"
 
 
@@ -394,7 +417,8 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
     baseline = predict_tfidf(baseline_rows(train_rows, eval_rows), texts)
     report: dict[str, Any] = {
         "model_name": model_name, "taxonomy": taxonomy.ref, "data": data_name,
-        "model": score(gold, predictions, taxonomy, threshold),
+        "model": {**score(gold, predictions, taxonomy, threshold),
+                  "confident_errors": confident_errors(texts, gold, predictions)},
         "baseline": score(gold, baseline, taxonomy),
         "baseline_name": "tfidf-char-wb-2-5+logreg",
     }
