@@ -49,20 +49,12 @@ def measure(manifest: Path, rows: list[tuple[str, str]]) -> dict[str, dict[str, 
     """Route ``rows`` with the model of ``manifest``; each score's AURC and coverage figures."""
     from models import load_taxonomy
     from models.manifest import Manifest
-    from thinfleet.devstack import stage_model_dir
-    from worker.engine import LabelHead, RoutingEngine
+    from training.calibrate_model import open_head_engine
 
-    staged = stage_model_dir(manifest)
-    spec = Manifest.model_validate_json(staged.read_text())
-    if spec.head is None:
-        raise ValueError(f"{manifest} has no label head: nothing to compare")
+    spec = Manifest.model_validate_json(manifest.read_text())
     taxonomy = load_taxonomy(spec.taxonomy.name)
     temperature = spec.calibration.temperature if spec.calibration else 1.0
-    engine = RoutingEngine(staged.parent / spec.base_model.path, taxonomy, n_threads=2,
-                           max_ticket_tokens=spec.max_ticket_tokens,
-                           adapter_path=staged.parent / spec.adapter.path if spec.adapter
-                           else None, head=LabelHead.load(staged.parent / spec.head.path),
-                           prompt_style=spec.prompt_style)
+    engine = open_head_engine(manifest, taxonomy, threads=2)
     try:
         raw = np.stack([engine.route(text).scores for text, _ in rows])  # type: ignore[misc]
     finally:

@@ -37,25 +37,35 @@ from training.calibrate import (
 from worker.acquire import sha256_file
 
 
-def head_scores(manifest_path: Path, taxonomy: Taxonomy, texts: list[str],
-                threads: int | None = None) -> np.ndarray:
-    """The label head's raw scores ``[n, n_labels]`` for ``texts``, through the worker's engine
-    (calibration ignored: temperature 1). Raises ``ValueError`` for a manifest without a head."""
+def open_head_engine(manifest_path: Path, taxonomy: Taxonomy, threads: int | None = None
+                     ) -> Any:
+    """A ``worker.engine.RoutingEngine`` serving the head router of ``manifest_path`` as the
+    worker does (its files staged and verified, calibration ignored: temperature 1); the caller
+    closes it. Raises ``ValueError`` for a manifest without a head, ``ModelUnavailable`` when
+    the model does not load."""
     from thinfleet.devstack import stage_model_dir
-    from training.evaluate import predict_engine
     from worker.cpus import plan_threads
     from worker.engine import LabelHead, RoutingEngine
 
     manifest = Manifest.model_validate_json(manifest_path.read_text())
     if manifest.head is None or manifest.decoder != "head":
-        raise ValueError(f"{manifest_path} has no label head to calibrate")
+        raise ValueError(f"{manifest_path} has no label head")
     staged = stage_model_dir(manifest_path).parent
-    engine = RoutingEngine(
+    return RoutingEngine(
         staged / manifest.base_model.path, taxonomy,
         n_threads=threads or plan_threads(1).threads,
         max_ticket_tokens=manifest.max_ticket_tokens,
         adapter_path=staged / manifest.adapter.path if manifest.adapter else None,
         head=LabelHead.load(staged / manifest.head.path), prompt_style=manifest.prompt_style)
+
+
+def head_scores(manifest_path: Path, taxonomy: Taxonomy, texts: list[str],
+                threads: int | None = None) -> np.ndarray:
+    """The label head's raw scores ``[n, n_labels]`` for ``texts``, through the worker's engine
+    (calibration ignored: temperature 1). Raises ``ValueError`` for a manifest without a head."""
+    from training.evaluate import predict_engine
+
+    engine = open_head_engine(manifest_path, taxonomy, threads)
     try:
         return np.stack(predict_engine(engine, texts).scores)
     finally:
