@@ -44,10 +44,14 @@ def weights(out: Path) -> dict[str, np.ndarray]:
     return found
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, model_file: Path) -> None:
+@pytest.mark.parametrize("decay", [0.0, 0.5], ids=["last-step", "weight-average"])
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, model_file: Path,
+                                                  decay: float) -> None:
+    """With weight averaging too: the moving average is in the checkpoint."""
     taxonomy = load_taxonomy("banking77")
     recipe = Recipe(epochs=1.0, batch_size=4, lora_r=4, lora_alpha=8, max_ticket_tokens=24,
-                    checkpoint_every_steps=100, warmup_fraction=0.2)
+                    checkpoint_every_steps=100, warmup_fraction=0.2,
+                    weight_average_decay=decay)
     data = rows(24)  # 6 steps
     whole = train(model_file, taxonomy, data, tmp_path / "whole", recipe, progress=False)
     assert whole.steps == 6

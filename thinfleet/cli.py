@@ -173,7 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
                           "validation_fraction", "field_loss_weight", "injection_augment",
                           "injection_grammar", "injection_benign", "init_from", "layers",
-                          "distill_from", "distill_weight", "distill_temperature")
+                          "distill_from", "distill_weight", "distill_temperature",
+                          "weight_average_decay")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--injection-benign", type=float,
                    help="the share of those rows that carry only harmless words from the "
                         "corpus's benign grammar, no attack: consistency training (default 0)")
+    p.add_argument("--weight-average-decay", type=float,
+                   help="export an exponential moving average of the LoRA and head weights "
+                        "with this decay per step, e.g. 0.99 (default 0: the last step's)")
     p.add_argument("--init-from", help="start from a trained router directory (adapter.gguf, "
                                        "head.npz) instead of zeros (a router of another depth "
                                        "than --layers: its kept blocks' adapter, a new head)")

@@ -107,6 +107,11 @@ class Recipe:
     distill_weight: float = 0.5
     #: softening temperature of teacher and student scores in the distillation term
     distill_temperature: float = 2.0
+    #: weight averaging (issue 13): 0 is off; otherwise an exponential moving average of the
+    #: LoRA and head weights with this decay per step (``torch.optim.swa_utils``'s EMA, Polyak
+    #: and Juditsky 1992; the family of SWA, Izmailov et al. 2018, arXiv:1803.05407) is what
+    #: the run exports. It starts from the run's first weights (``init_from`` or zeros)
+    weight_average_decay: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -410,7 +415,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     ``out_dir/head.npz`` the head (``weight [n_labels, hidden]``, ``bias [n_labels]``, float32,
     and ``labels``). With ``validation_rows``, the PyTorch model's accuracy on them is measured
     at the end of every whole epoch and recorded in ``train.json``: a learning curve for the
-    report only; nothing is selected on it (the last step's weights are always the ones saved).
+    report only; nothing is selected on it (the last step's weights are always the ones saved,
+    or with ``recipe.weight_average_decay`` their moving average, kept in the checkpoint too).
     **Checkpoint and resume.** Every ``recipe.checkpoint_every_steps`` steps, and when the run is
     interrupted (Ctrl-C, SIGTERM), ``out_dir/checkpoint.pt`` receives the LoRA and head weights,
     the optimizer's and scheduler's state, the torch RNG state and the step. The data order is a
@@ -433,6 +439,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     import threading
 
     import torch
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
     from tqdm import tqdm
 
     from worker.cpus import available_cpus
@@ -472,6 +479,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         {"params": lora_params, "lr": recipe.lora_lr},
         {"params": model.head.parameters(), "lr": recipe.head_lr},
     ], weight_decay=recipe.weight_decay)
+    average = (get_ema_multi_avg_fn(recipe.weight_average_decay)
+               if recipe.weight_average_decay > 0 else None)
     rng = random.Random(recipe.seed)
     epochs_whole = math.ceil(recipe.epochs)
     plan: list[list[int]] = []
@@ -493,6 +502,9 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     checkpoint = out_dir / CHECKPOINT_FILE
     fingerprint = run_fingerprint(recipe, ids, labels, answers, teacher)
     lora_named = [(n, p) for n, p in model.peft.named_parameters() if p.requires_grad]
+    trained = [p for _, p in lora_named] + list(model.head.parameters())
+    averaged = ([p.detach().clone() for p in trained] if recipe.weight_average_decay > 0
+                else None)
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
         if state["fingerprint"] != fingerprint:
@@ -507,6 +519,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         torch.set_rng_state(state["torch_rng"].cpu())
         if device == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if averaged is not None:
+            averaged = [t.to(device) for t in state["averaged"]]
         done, tokens, ema, curve = state["step"], state["tokens"], state["ema"], state["curve"]
         earlier_s = state["seconds"]
         print(f"resuming {checkpoint} at step {done + 1} of {total_steps}")
@@ -519,7 +533,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
             "lora": {n: p.detach().cpu() for n, p in lora_named},
             "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None})
+            "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None,
+            "averaged": None if averaged is None else [t.cpu() for t in averaged]})
 
     # Ctrl-C and SIGTERM (a preempted machine, `kill`) finish the step in progress, save a
     # checkpoint and stop: a half-applied optimizer step is never saved.
@@ -533,6 +548,9 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         for step, batch in enumerate(bar, start=done + 1):
             train_step(model, optimizer, scheduler, lora_params, ids, labels, batch, recipe,
                        device, answers, teacher)
+            if averaged is not None and average is not None:
+                with torch.no_grad():
+                    average(averaged, [p.detach() for p in trained], step)
             tokens += sum(len(ids[i]) + (len(answers[i][0]) if answers else 0) for i in batch)
             ema = _loss_ema(model, ema)
             bar.set_postfix(loss=f"{ema:.3f}",
@@ -552,6 +570,10 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     seconds = earlier_s + time.monotonic() - started
+    if averaged is not None:  # the averaged weights are the ones exported and measured
+        with torch.no_grad():
+            for param, mean in zip(trained, averaged, strict=True):
+                param.copy_(mean)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
     save_base_config(model.config, out_dir / "base-config")
