@@ -43,21 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from models import load_taxonomy
     from models.manifest import Manifest
-    from thinfleet import devstack
     from thinfleet.demo import SHIPPED_MANIFEST, merged_router
-    from worker.engine import LabelHead, RoutingEngine
+    from training.calibrate_model import open_head_engine
     from worker.prompt import encode_ticket
 
     manifest_path = merged_router() if args.model == "merged" else SHIPPED_MANIFEST
-    staged = devstack.stage_model_dir(manifest_path)
-    manifest = Manifest.model_validate_json(staged.read_text())
-    folder = staged.parent
-    head = LabelHead.load(folder / manifest.head.path) if manifest.head else None
-    engine = RoutingEngine(
-        folder / manifest.base_model.path, load_taxonomy(manifest.taxonomy.name),
-        n_threads=args.threads, max_ticket_tokens=manifest.max_ticket_tokens or 64,
-        adapter_path=folder / manifest.adapter.path if manifest.adapter else None, head=head,
-        prompt_style=manifest.prompt_style)  # type: ignore[arg-type]
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    engine = open_head_engine(manifest_path, load_taxonomy(manifest.taxonomy.name),
+                              threads=args.threads)
+    head = engine.head
     assert head is not None
     with VALIDATION.open(newline="") as handle:
         rows = list(csv.DictReader(handle))[:args.tickets]

@@ -283,6 +283,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
              "targets (95 % interval) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     n = report["tickets"]
+    verdicts = {s["style"]: verdict(s, n) for s in report["styles"]}
     for s in report["styles"]:
         lines.append(f"| {s['style']} | {s['split']} | {s['kind']} | {s['flip']:.1%} / "
                      f"**{s['flip_reported']:.1%}** ({s['flip_reported_to_gold']:.1%} / "
@@ -293,14 +294,14 @@ def markdown(report: dict[str, Any], title: str) -> str:
                      f"{s['auto_route_changed']:.1%} | "
                      f"{s['auto_to_attacker_route_before']:.1%} | "
                      f"{s['auto_to_attacker_route_without_guard']:.1%} | "
-                     f"**{s['auto_to_attacker_route']:.1%}** | {verdict(s, n)} |")
-    verdicts = {s["style"]: verdict(s, n) for s in report["styles"] if is_attack(s)}
-    if verdicts:
+                     f"**{s['auto_to_attacker_route']:.1%}** | {verdicts[s['style']]} |")
+    attacks = [verdicts[s["style"]] for s in report["styles"] if is_attack(s)]
+    if attacks:
         above = [name for name, v in verdicts.items() if v == "above"]
         lines += ["", f"Attack styles meeting both targets (at most "
                   f"{TARGET_FLIP_RATE:.0%} of reported labels flipped, "
                   f"{TARGET_TO_ATTACKER_RATE:.0%} on the attacker's label): "
-                  f"{sum(v == 'met' for v in verdicts.values())} of {len(verdicts)}; above a "
+                  f"{attacks.count('met')} of {len(attacks)}; above a "
                   f"target by more than its 95 % interval on {n} tickets: {len(above)}"
                   + (f" ({', '.join(above)})." if above else ".")]
     return "\n".join(lines) + "\n"
