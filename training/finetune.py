@@ -548,9 +548,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         for step, batch in enumerate(bar, start=done + 1):
             train_step(model, optimizer, scheduler, lora_params, ids, labels, batch, recipe,
                        device, answers, teacher)
-            if averaged is not None and average is not None:
-                with torch.no_grad():
-                    average(averaged, [p.detach() for p in trained], step)
+            if averaged is not None and average is not None:  # no_grad inside
+                average(averaged, trained, step)
             tokens += sum(len(ids[i]) + (len(answers[i][0]) if answers else 0) for i in batch)
             ema = _loss_ema(model, ema)
             bar.set_postfix(loss=f"{ema:.3f}",
