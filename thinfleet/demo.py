@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import statistics
+import sys
 import time
 import uuid
 from collections import Counter
@@ -88,14 +89,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 def merged_router(manifest: Path = SHIPPED_MANIFEST) -> Path:
     """The shipped router merged into its base and quantized to Q4_K_M (``thinfleet merge``),
-    built once per shipped manifest (about 30 s) and cached under ``var/``."""
+    built once per shipped manifest (about 30 s) and cached under ``var/``. Progress goes to
+    stderr, so ``$(python -c "...print(merged_router())")`` captures the path alone."""
     from training.merge import export_merged
 
     out = VAR.parent / "merged" / sha256_file(manifest)[:12]
     if (out / "manifest.json").exists():
         return out / "manifest.json"
-    print(f"merging the shipped router's LoRA adapter into its base model (Q4_K_M) in {out}")
-    return export_merged(manifest, out, "Q4_K_M")
+    print(f"merging the shipped router's LoRA adapter into its base model (Q4_K_M) in {out}",
+          file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        return export_merged(manifest, out, "Q4_K_M")
 
 
 def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -> dict[str, str]:
