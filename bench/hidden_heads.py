@@ -20,7 +20,8 @@ the weight ``w`` where one is listed, fitted on four folds and measured on the f
 The training features come from a model trained on those rows, so they are tighter than a new
 ticket's; that is what such a router would serve. Usage::
 
-    python -m bench.hidden_heads --manifest var/merged/294516f4a8f5/manifest.json
+    python -m bench.hidden_heads --manifest "$(python -c \
+        'from thinfleet.demo import merged_router; print(merged_router())')"
 """
 
 from __future__ import annotations
