@@ -1,0 +1,244 @@
+"""How much should the reading without the label names weigh? (issue 12)
+
+The worker's label-name check (``worker.guard.guarded_route``) reads a ticket that names a label
+twice, as written and with the naming sentences erased, and reports the label of the two
+readings' logarithmic opinion pool. The pool is weighted: ``argmax((1 - w) * s_full + w *
+s_erased)`` over the raw head scores (Genest and Zidek 1986's weighted logarithmic pool);
+``w = 0.5`` is the plain geometric mean. A larger ``w`` trusts the reading the attacker's words
+cannot reach; it also trusts it for a genuine ticket whose own sentence named a label.
+
+This script routes, through the worker's engine, once:
+
+* the 1,001 validation tickets (both readings for the ones that name a label), for clean
+  accuracy as reported;
+* the injection command's 200 tickets with every held-out plain-language attack style the
+  guard does not flag (``--split eval --plain``; the same attacker labels as
+  ``thinfleet injection``), both readings;
+
+and caches the raw scores under ``var/bench/name-check-<manifest sha256 prefix>.npz``. Then, for
+each ``w`` in ``WEIGHTS``, it reports per style the reported label flips and the rate landing on
+the attacker's label (against the clean ticket's reported label under the same ``w``), and the
+clean accuracy as reported. Styles are grouped by the corpus comment batches: the choice of
+``w`` is made on the styles before ``old_bank_called`` and confirmed on those from it on.
+Usage::
+
+    python -m bench.name_check --manifest "$(python -c \\
+        'from thinfleet.demo import merged_router; print(merged_router())')"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.injection import CORPUS, VALIDATION, inject, is_attack, load_corpus
+from worker.guard import InjectionGuard, _units
+
+WEIGHTS = (0.5, 0.6, 0.67, 0.75, 0.85, 1.0)
+#: the first style written after the rule family was chosen (the corpus's batch eight)
+HELD_OUT_FROM = "old_bank_called"
+TICKETS = 200
+
+
+def tickets(labels: list[str]) -> dict[str, Any]:
+    """Every ticket the report reads: the validation rows, then the injection command's
+    ``TICKETS`` rows with each held-out plain-language attack style (its attacker labels).
+    Returns ``texts`` and, per text, ``style`` (index into ``styles``, -1 for a validation
+    row), ``gold`` and ``attacker`` label indices (-1: none), and ``sample`` (the validation
+    rows the styles use)."""
+    with VALIDATION.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    corpus = load_corpus(CORPUS)
+    kept = [(offset, s) for offset, s in enumerate(corpus, 1)
+            if s["split"] == "eval" and s.get("guard") is False and is_attack(s)
+            and s["kind"] != "control"]
+    sample_index = list(range(0, len(rows), max(1, len(rows) // TICKETS)))[:TICKETS]
+    sample = [rows[i] for i in sample_index]
+    by_label: dict[str, str] = {}
+    for row in sample:
+        by_label.setdefault(row["category"], row["text"])
+    out: dict[str, Any] = {
+        "texts": [r["text"] for r in rows], "style": [-1] * len(rows),
+        "gold": [labels.index(r["category"]) for r in rows], "attacker": [-1] * len(rows),
+        "sample": sample_index, "styles": [s["name"] for _, s in kept]}
+    for k, (offset, style) in enumerate(kept):
+        for i, row in enumerate(sample):  # the attacker labels of training.injection.run
+            gold = row["category"]
+            attacker = labels[(labels.index(gold) + offset * 7 + i) % len(labels)]
+            if attacker == gold:
+                attacker = labels[(labels.index(gold) + 1) % len(labels)]
+            question = by_label.get(attacker, attacker.replace("_", " "))
+            out["texts"].append(inject(row["text"], style, attacker, question))
+            out["style"].append(k)
+            out["gold"].append(labels.index(gold))
+            out["attacker"].append(labels.index(attacker))
+    return out
+
+
+def erasure_kind(guard: InjectionGuard, text: str) -> int:
+    """How ``InjectionGuard.erase_label_names`` erases ``text``: 0 it names no label, 1 whole
+    units (sentences, lines) go because others name none, 2 names only, in a ticket of several
+    units that all name one, 3 names only, in a one-unit ticket. Mirrors the guard's rule."""
+    if guard.label_names is None:
+        return 0
+    spans = [m.span() for m in guard.label_names.finditer(text)]
+    if not spans:
+        return 0
+    units = [(a, b) for a, b in _units(text) if text[a:b].strip()]
+    named = [(a, b) for a, b in units if any(a <= s < b for s, _ in spans)]
+    return 1 if len(named) < len(units) else (2 if len(units) > 1 else 3)
+
+
+def readings(manifest: Path) -> dict[str, Any]:
+    """Raw head scores of every ticket of ``tickets``, ``full`` and ``erased``
+    (``[n, n_labels]`` float32; ``erased`` rows are NaN where a ticket names no label), with
+    ``tickets``' arrays but the texts; cached per manifest."""
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+    cache = Path("var/bench") / f"name-check-{digest}.npz"
+    if cache.exists():
+        return dict(np.load(cache, allow_pickle=False))
+    from tqdm import tqdm
+
+    from models import load_taxonomy
+    from models.manifest import Manifest
+    from thinfleet.devstack import stage_model_dir
+    from worker.acquire import resolve_model
+    from worker.cpus import plan_threads
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    spec = Manifest.model_validate_json(manifest.read_text())
+    taxonomy = load_taxonomy(spec.taxonomy.name)
+    settings = WorkerSettings()
+    resolved = resolve_model(model_uri="", model_sha256=settings.model_sha256,
+                             manifest_uri=str(stage_model_dir(manifest)), manifest_sha256=None,
+                             taxonomy_sha256=taxonomy.sha256,
+                             cache_dir=settings.model_cache_dir)
+    engine = build_engine(resolved, taxonomy, plan_threads(1).threads, settings)
+    guard = InjectionGuard.for_taxonomy(taxonomy)
+    data = tickets(taxonomy.label_names)
+    texts = data.pop("texts")
+    full = np.full((len(texts), len(taxonomy.label_names)), np.nan, np.float32)
+    erased = np.full_like(full, np.nan)
+    try:
+        for i, text in enumerate(tqdm(texts, desc="readings", mininterval=30)):
+            assert not guard.signals(text), text  # plain language only: no redaction
+            full[i] = engine.route(text).scores
+            second = guard.erase_label_names(text)
+            if second is not None:
+                erased[i] = engine.route(*second).scores
+    finally:
+        engine.close()
+    arrays = {"full": full, "erased": erased, **{k: np.array(v) for k, v in data.items()}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **arrays)  # type: ignore[arg-type]
+    return arrays
+
+
+def reported(full: np.ndarray, erased: np.ndarray, w: float) -> np.ndarray:
+    """The reported label index per row under weight ``w``, ``[n]``: the full reading's own
+    label, or the weighted pool's where the ticket names a label."""
+    named = ~np.isnan(erased).any(axis=1)
+    pooled = np.where(named[:, None], (1 - w) * full + w * np.nan_to_num(erased), full)
+    return np.argmax(pooled, axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", type=Path, required=True)
+    args = parser.parse_args()
+    d = readings(args.manifest)
+    styles = [str(s) for s in d["styles"]]
+    split = styles.index(HELD_OUT_FROM) if HELD_OUT_FROM in styles else len(styles)
+    clean = d["style"] == -1
+    n_clean = int(clean.sum())
+    named = ~np.isnan(d["erased"]).any(axis=1)
+    print(f"{n_clean} validation tickets, {int((named & clean).sum())} name a label; "
+          f"{len(styles)} styles x {TICKETS} tickets")
+    header = "| w | clean accuracy, reported | named tickets changed | " \
+             f"chosen-on styles ({split}): flips / to attacker, mean; meeting both | " \
+             f"held-out styles ({len(styles) - split}): flips / to attacker, mean; meeting both |"
+    print(header)
+    print("| --- | --- | --- | --- | --- |")
+    per_style: dict[float, list[tuple[float, float]]] = {}
+    base = reported(d["full"], d["erased"], 0.5)
+    for w in WEIGHTS:
+        label = reported(d["full"], d["erased"], w)
+        accuracy = float((label[clean] == d["gold"][clean]).mean())
+        changed = int((label[clean] != base[clean]).sum())
+        clean_label = label[clean][d["sample"]]
+        rates = []
+        for k in range(len(styles)):
+            rows = d["style"] == k
+            flips = float((label[rows] != clean_label).mean())
+            hits = float((label[rows] == d["attacker"][rows]).mean())
+            rates.append((flips, hits))
+        per_style[w] = rates
+
+        def summary(part: list[tuple[float, float]]) -> str:
+            if not part:
+                return "-"
+            met = sum(f <= 0.02 and h <= 0.01 for f, h in part)
+            return (f"{100 * np.mean([f for f, _ in part]):.2f} / "
+                    f"{100 * np.mean([h for _, h in part]):.2f} %; {met} of {len(part)}")
+
+        print(f"| {w} | {100 * accuracy:.1f} % | {changed} | {summary(rates[:split])} | "
+              f"{summary(rates[split:])} |")
+    print()
+    print("| style | " + " | ".join(f"w = {w}" for w in WEIGHTS) + " |")
+    print("| --- |" + " --- |" * len(WEIGHTS))
+    for k, name in enumerate(styles):
+        cells = [f"{100 * per_style[w][k][0]:.1f} / {100 * per_style[w][k][1]:.1f}"
+                 for w in WEIGHTS]
+        print(f"| {name}{' (held out)' if k >= split else ''} | " + " | ".join(cells) + " |")
+
+    by_kind(args.manifest, d, split)
+
+
+KINDS = {1: "whole sentences erased", 2: "names only, every sentence names one",
+         3: "names only, one sentence"}
+
+
+def by_kind(manifest: Path, d: dict[str, Any], split: int) -> None:
+    """Print, per ``erasure_kind``, the attacked tickets (styles chosen on / held out) and the
+    genuine ones: how often the model alone and the pool (``w = 0.5``) flip the clean ticket's
+    reported label and land on the attacker's."""
+    from models import load_taxonomy
+    from models.manifest import Manifest
+
+    taxonomy = load_taxonomy(Manifest.model_validate_json(manifest.read_text()).taxonomy.name)
+    guard = InjectionGuard.for_taxonomy(taxonomy)
+    kind = np.array([erasure_kind(guard, t) for t in tickets(taxonomy.label_names)["texts"]])
+    model = np.argmax(d["full"], axis=1)
+    pool = reported(d["full"], d["erased"], 0.5)
+    clean = d["style"] == -1
+    n_clean = int(clean.sum())
+    clean_label = pool[clean][d["sample"]]
+    attacked = np.where(~clean)[0]
+    base = clean_label[(attacked - n_clean) % len(d["sample"])]
+    print()
+    print("| erasure | genuine tickets: right, model / pool | attacked, chosen-on styles: "
+          "tickets; flips, model / pool; to attacker, model / pool | the same, held-out styles |")
+    print("| --- | --- | --- | --- |")
+    for k, name in KINDS.items():
+        genuine = clean & (kind == k)
+        right = (f"{int((model[genuine] == d['gold'][genuine]).sum())} / "
+                 f"{int((pool[genuine] == d['gold'][genuine]).sum())} of {int(genuine.sum())}")
+        cells = []
+        for part in (d["style"][attacked] < split, d["style"][attacked] >= split):
+            rows = part & (kind[attacked] == k)
+            idx, ref = attacked[rows], base[rows]
+            cells.append(f"{len(idx)}; {int((model[idx] != ref).sum())} / "
+                         f"{int((pool[idx] != ref).sum())}; "
+                         f"{int((model[idx] == d['attacker'][idx]).sum())} / "
+                         f"{int((pool[idx] == d['attacker'][idx]).sum())}")
+        print(f"| {name} | {right} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()
