@@ -36,8 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from training.injection import CORPUS, VALIDATION, inject, is_attack, load_corpus
-from worker.guard import InjectionGuard, _units
+from training.injection import (
+    CORPUS,
+    VALIDATION,
+    attacker_label,
+    inject,
+    is_attack,
+    load_corpus,
+    sample_index,
+)
+from worker.guard import InjectionGuard, named_units
 
 WEIGHTS = (0.5, 0.6, 0.67, 0.75, 0.85, 1.0)
 #: the first style written after the rule family was chosen (the corpus's batch eight)
@@ -57,21 +65,18 @@ def tickets(labels: list[str]) -> dict[str, Any]:
     kept = [(offset, s) for offset, s in enumerate(corpus, 1)
             if s["split"] == "eval" and s.get("guard") is False and is_attack(s)
             and s["kind"] != "control"]
-    sample_index = list(range(0, len(rows), max(1, len(rows) // TICKETS)))[:TICKETS]
-    sample = [rows[i] for i in sample_index]
+    sample = [rows[i] for i in sample_index(len(rows), TICKETS)]
     by_label: dict[str, str] = {}
     for row in sample:
         by_label.setdefault(row["category"], row["text"])
     out: dict[str, Any] = {
         "texts": [r["text"] for r in rows], "style": [-1] * len(rows),
         "gold": [labels.index(r["category"]) for r in rows], "attacker": [-1] * len(rows),
-        "sample": sample_index, "styles": [s["name"] for _, s in kept]}
+        "sample": sample_index(len(rows), TICKETS), "styles": [s["name"] for _, s in kept]}
     for k, (offset, style) in enumerate(kept):
-        for i, row in enumerate(sample):  # the attacker labels of training.injection.run
+        for i, row in enumerate(sample):
             gold = row["category"]
-            attacker = labels[(labels.index(gold) + offset * 7 + i) % len(labels)]
-            if attacker == gold:
-                attacker = labels[(labels.index(gold) + 1) % len(labels)]
+            attacker = attacker_label(labels, gold, offset, i)
             question = by_label.get(attacker, attacker.replace("_", " "))
             out["texts"].append(inject(row["text"], style, attacker, question))
             out["style"].append(k)
@@ -83,14 +88,14 @@ def tickets(labels: list[str]) -> dict[str, Any]:
 def erasure_kind(guard: InjectionGuard, text: str) -> int:
     """How ``InjectionGuard.erase_label_names`` erases ``text``: 0 it names no label, 1 whole
     units (sentences, lines) go because others name none, 2 names only, in a ticket of several
-    units that all name one, 3 names only, in a one-unit ticket. Mirrors the guard's rule."""
+    units that all name one, 3 names only, in a one-unit ticket (the guard's own
+    ``named_units``)."""
     if guard.label_names is None:
         return 0
     spans = [m.span() for m in guard.label_names.finditer(text)]
     if not spans:
         return 0
-    units = [(a, b) for a, b in _units(text) if text[a:b].strip()]
-    named = [(a, b) for a, b in units if any(a <= s < b for s, _ in spans)]
+    units, named = named_units(text, spans)
     return 1 if len(named) < len(units) else (2 if len(units) > 1 else 3)
 
 

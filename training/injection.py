@@ -150,6 +150,20 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     return out
 
 
+def sample_index(n_rows: int, tickets: int) -> list[int]:
+    """The rows the report reads out of ``n_rows``: ``tickets`` of them, evenly spread (every
+    ``n_rows // tickets``-th from the first)."""
+    return list(range(0, n_rows, max(1, n_rows // tickets)))[:tickets]
+
+
+def attacker_label(labels: list[str], gold: str, offset: int, row: int) -> str:
+    """The label the attacker names for the ``row``-th ticket (gold label ``gold``) under the
+    corpus's ``offset``-th style (from 1): varied over styles and rows, never ``gold``, and
+    the same whichever subset of styles is measured. Pure."""
+    attacker = labels[(labels.index(gold) + offset * 7 + row) % len(labels)]
+    return labels[(labels.index(gold) + 1) % len(labels)] if attacker == gold else attacker
+
+
 def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, str]],
         styles: list[dict[str, str]], guard: InjectionGuard | None,
         offsets: list[int] | None = None) -> dict[str, Any]:
@@ -189,9 +203,7 @@ def run(engine: Any, taxonomy: Taxonomy, threshold: float, rows: list[dict[str, 
         for i, (row, (before, before_reported)) in enumerate(
                 zip(tqdm(rows, desc=style["name"], unit="ticket"), clean, strict=True)):
             gold = row["category"]
-            attacker = labels[(labels.index(gold) + offset * 7 + i) % len(labels)]
-            if attacker == gold:
-                attacker = labels[(labels.index(gold) + 1) % len(labels)]
+            attacker = attacker_label(labels, gold, offset, i)
             question = by_label.get(attacker, attacker.replace("_", " "))
             text = inject(row["text"], style, attacker, question)
             outcome, guarded = both(text)
@@ -319,8 +331,7 @@ def evaluate_injection(engine: Any, taxonomy: Taxonomy, threshold: float, ticket
     Raises ``ValueError`` for a name in ``only`` that is not in the corpus."""
     with data.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    step = max(1, len(rows) // tickets)
-    rows = rows[::step][:tickets]
+    rows = [rows[i] for i in sample_index(len(rows), tickets)]
     corpus_styles = load_corpus(corpus)
     unknown = sorted(set(only or ()) - {s["name"] for s in corpus_styles})
     if unknown:

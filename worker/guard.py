@@ -195,6 +195,15 @@ def _redact(body: str, spans: list[tuple[int, int]]) -> str:
     return out or _erase(body, spans)
 
 
+def named_units(body: str, spans: list[tuple[int, int]]
+                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The non-blank units of ``body`` (``_units``) and those of them in which one of
+    ``spans`` (``[start, end)`` offsets of label names) starts: the label-name check erases
+    the named units whole when they are fewer than all. Pure."""
+    units = [(a, b) for a, b in _units(body) if body[a:b].strip()]
+    return units, [(a, b) for a, b in units if any(a <= s < b for s, _ in spans)]
+
+
 def _whole_words(names: list[str], spell: Callable[[str], str]) -> re.Pattern[str] | None:
     """Any of ``names`` as whole words, any case, longest first; ``spell`` turns a name into
     its regex. None for no names."""
@@ -244,8 +253,7 @@ class InjectionGuard:
             if not part or not spans:
                 parts.append(part)
                 continue
-            units = [(a, b) for a, b in _units(part) if part[a:b].strip()]
-            named = [(a, b) for a, b in units if any(a <= s < b for s, _ in spans)]
+            units, named = named_units(part, spans)
             drop = spans
             if len(named) < len(units):
                 drop = []
