@@ -8,6 +8,7 @@ transformers, a handful of steps on real Banking77 rows.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,12 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, model_file: P
                     checkpoint_every_steps=100, warmup_fraction=0.2,
                     weight_average_decay=decay)
     data = rows(24)  # 6 steps
-    whole = train(model_file, taxonomy, data, tmp_path / "whole", recipe, progress=False)
+    whole = train(model_file, taxonomy, data, tmp_path / "whole", recipe, progress=False,
+                  validation_rows=data[:8])
     assert whole.steps == 6
+    # With averaging, the last step's weights are measured too (the same run's baseline).
+    last = json.loads((tmp_path / "whole" / "train.json").read_text())
+    assert (last["last_step_validation_accuracy"] is None) == (decay == 0)
     with pytest.raises(TrainingInterrupted, match="after step 2"):
         train(model_file, taxonomy, data, tmp_path / "split", recipe, progress=False,
               stop_after_steps=2)

@@ -416,7 +416,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     and ``labels``). With ``validation_rows``, the PyTorch model's accuracy on them is measured
     at the end of every whole epoch and recorded in ``train.json``: a learning curve for the
     report only; nothing is selected on it (the last step's weights are always the ones saved,
-    or with ``recipe.weight_average_decay`` their moving average, kept in the checkpoint too).
+    or with ``recipe.weight_average_decay`` their moving average, kept in the checkpoint too;
+    then the last step's weights are measured as well, ``last_step_validation_accuracy``).
     **Checkpoint and resume.** Every ``recipe.checkpoint_every_steps`` steps, and when the run is
     interrupted (Ctrl-C, SIGTERM), ``out_dir/checkpoint.pt`` receives the LoRA and head weights,
     the optimizer's and scheduler's state, the torch RNG state and the step. The data order is a
@@ -569,6 +570,9 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     seconds = earlier_s + time.monotonic() - started
+    # With averaging, the last step's weights are measured too: the same run's baseline for it.
+    last_step_accuracy = (torch_accuracy(model, vocab, taxonomy, validation_rows, recipe)
+                          if averaged is not None and validation_rows else None)
     if averaged is not None:  # the averaged weights are the ones exported and measured
         with torch.no_grad():
             for param, mean in zip(trained, averaged, strict=True):
@@ -588,6 +592,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     (out_dir / "train.json").write_text(json.dumps({
         "recipe": asdict(recipe), "seconds": seconds, "steps": total_steps, "tokens": tokens,
         "torch_validation_accuracy": accuracy, "epoch_validation_accuracy": curve,
+        "last_step_validation_accuracy": last_step_accuracy,
         "device": device, "threads": threads,
         "fields_trained": [f.name for f in taxonomy.fields] if answers else []}, indent=2))
     return TrainResult(out_dir, seconds, total_steps, tokens, accuracy, curve, device, threads)
