@@ -65,14 +65,15 @@ def tickets(labels: list[str]) -> dict[str, Any]:
     kept = [(offset, s) for offset, s in enumerate(corpus, 1)
             if s["split"] == "eval" and s.get("guard") is False and is_attack(s)
             and s["kind"] != "control"]
-    sample = [rows[i] for i in sample_index(len(rows), TICKETS)]
+    index = sample_index(len(rows), TICKETS)
+    sample = [rows[i] for i in index]
     by_label: dict[str, str] = {}
     for row in sample:
         by_label.setdefault(row["category"], row["text"])
     out: dict[str, Any] = {
         "texts": [r["text"] for r in rows], "style": [-1] * len(rows),
         "gold": [labels.index(r["category"]) for r in rows], "attacker": [-1] * len(rows),
-        "sample": sample_index(len(rows), TICKETS), "styles": [s["name"] for _, s in kept]}
+        "sample": index, "styles": [s["name"] for _, s in kept]}
     for k, (offset, style) in enumerate(kept):
         for i, row in enumerate(sample):
             gold = row["category"]
