@@ -65,6 +65,9 @@ def robust(model_file: Path) -> Iterator[RoutingEngine]:
     engine.close()
 
 
+# every held-out attack style on 11 tickets through two routers: about 250 s alone on 2 cores
+# since batch nine (59 held-out attack styles), close to pytest's 300 s default here
+@pytest.mark.timeout(600)
 def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
         model_file: Path, robust: RoutingEngine, rows: list[dict[str, str]]) -> None:
     flips, hits, total = attacked(robust, rows)
@@ -75,7 +78,7 @@ def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
         before.close()
     # measured on 200 tickets (README, "Security"), merged: 0.0-13.5 % per held-out style to
     # the attacker's label, 1.9 % over these 41 styles; the router before adversarial training:
-    # 10-37.5 % on the first seven
+    # 10-37.5 % on the first seven; batch nine (500 tickets): 0.2-19.4 % for the model alone
     assert hits <= 0.06 * total, (hits, total)
     assert hits < hits_before and flips < flips_before, (hits, hits_before, flips, flips_before)
 
@@ -142,7 +145,8 @@ def test_the_label_name_check_keeps_genuine_names_and_undoes_plain_language_atta
             total += 1
     # measured on 200 tickets (README, "Security"), the 41 attack styles among these: to the
     # attacker's label 3.5 % on average for the model alone (0.0-12.5 % per style), 0.66 %
-    # reported (0.0-3.0 %); flips 6.7 % and 2.1 %
+    # reported (0.0-3.0 %); flips 6.7 % and 2.1 %. Batch nine's six (500 tickets): the model
+    # alone 6.5 % to the attacker's label (0.2-19.4 %), reported 0.97 % (0.2-2.6 %)
     assert reported_hits <= 0.02 * total and reported_hits <= model_hits, (
         reported_hits, model_hits, total)
     assert reported_flips <= model_flips, (reported_flips, model_flips, total)
