@@ -18,8 +18,9 @@ This script routes, through the worker's engine, once:
 and caches the raw scores under ``var/bench/name-check-<manifest sha256 prefix>.npz``. Then, for
 each ``w`` in ``WEIGHTS``, it reports per style the reported label flips and the rate landing on
 the attacker's label (against the clean ticket's reported label under the same ``w``), and the
-clean accuracy as reported. Styles are grouped by the corpus comment batches: the choice of
-``w`` is made on the styles before ``old_bank_called`` and confirmed on those from it on.
+clean accuracy as reported. Styles are grouped by the corpus's batches (``BATCHES``): the
+choice of ``w`` was made on the styles before ``old_bank_called`` and checked on batch eight;
+batch nine (from ``ps_line``) was written after both, held out from every choice.
 Usage::
 
     python -m bench.name_check --manifest "$(python -c \\
@@ -48,8 +49,9 @@ from training.injection import (
 from worker.guard import InjectionGuard, named_units
 
 WEIGHTS = (0.5, 0.6, 0.67, 0.75, 0.85, 1.0)
-#: the first style written after the rule family was chosen (the corpus's batch eight)
-HELD_OUT_FROM = "old_bank_called"
+#: the report's groups of styles, each named with its first style (the corpus's comments): the
+#: styles the rule family was chosen on, then the batches written after that choice
+BATCHES = (("chosen on", None), ("batch eight", "old_bank_called"), ("batch nine", "ps_line"))
 TICKETS = 200
 
 
@@ -154,23 +156,30 @@ def reported(full: np.ndarray, erased: np.ndarray, w: float) -> np.ndarray:
     return np.argmax(pooled, axis=1)
 
 
+def batch_of(styles: list[str]) -> list[int]:
+    """The index into ``BATCHES`` of each of ``styles`` (in corpus order); a batch whose first
+    style is missing is empty."""
+    starts = [styles.index(first) if first in styles else len(styles)
+              for _, first in BATCHES[1:]]
+    return [sum(k >= start for start in starts) for k in range(len(styles))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", type=Path, required=True)
     args = parser.parse_args()
     d = readings(args.manifest)
     styles = [str(s) for s in d["styles"]]
-    split = styles.index(HELD_OUT_FROM) if HELD_OUT_FROM in styles else len(styles)
+    batch = batch_of(styles)
     clean = d["style"] == -1
     n_clean = int(clean.sum())
     named = ~np.isnan(d["erased"]).any(axis=1)
     print(f"{n_clean} validation tickets, {int((named & clean).sum())} name a label; "
           f"{len(styles)} styles x {TICKETS} tickets")
-    header = "| w | clean accuracy, reported | named tickets changed | " \
-             f"chosen-on styles ({split}): flips / to attacker, mean; meeting both | " \
-             f"held-out styles ({len(styles) - split}): flips / to attacker, mean; meeting both |"
-    print(header)
-    print("| --- | --- | --- | --- | --- |")
+    print("| w | clean accuracy, reported | named tickets changed | "
+          + " | ".join(f"{name} ({batch.count(b)}): flips / to attacker, mean; meeting both"
+                       for b, (name, _) in enumerate(BATCHES)) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(BATCHES))
     per_style: dict[float, list[tuple[float, float]]] = {}
     base = reported(d["full"], d["erased"], 0.5)
     for w in WEIGHTS:
@@ -193,27 +202,28 @@ def main() -> None:
             return (f"{100 * np.mean([f for f, _ in part]):.2f} / "
                     f"{100 * np.mean([h for _, h in part]):.2f} %; {met} of {len(part)}")
 
-        print(f"| {w} | {100 * accuracy:.1f} % | {changed} | {summary(rates[:split])} | "
-              f"{summary(rates[split:])} |")
+        cells = [summary([r for r, g in zip(rates, batch, strict=True) if g == b])
+                 for b in range(len(BATCHES))]
+        print(f"| {w} | {100 * accuracy:.1f} % | {changed} | " + " | ".join(cells) + " |")
     print()
     print("| style | " + " | ".join(f"w = {w}" for w in WEIGHTS) + " |")
     print("| --- |" + " --- |" * len(WEIGHTS))
     for k, name in enumerate(styles):
         cells = [f"{100 * per_style[w][k][0]:.1f} / {100 * per_style[w][k][1]:.1f}"
                  for w in WEIGHTS]
-        print(f"| {name}{' (held out)' if k >= split else ''} | " + " | ".join(cells) + " |")
+        print(f"| {name} ({BATCHES[batch[k]][0]}) | " + " | ".join(cells) + " |")
 
-    by_kind(args.manifest, d, split)
+    by_kind(args.manifest, d, batch)
 
 
 KINDS = {1: "whole sentences erased", 2: "names only, every sentence names one",
          3: "names only, one sentence"}
 
 
-def by_kind(manifest: Path, d: dict[str, Any], split: int) -> None:
-    """Print, per ``erasure_kind``, the attacked tickets (styles chosen on / held out) and the
-    genuine ones: how often the model alone and the pool (``w = 0.5``) flip the clean ticket's
-    reported label and land on the attacker's."""
+def by_kind(manifest: Path, d: dict[str, Any], batch: list[int]) -> None:
+    """Print, per ``erasure_kind``, the attacked tickets (per ``BATCHES`` group, ``batch``
+    giving each style's) and the genuine ones: how often the model alone and the pool (``w =
+    0.5``) flip the clean ticket's reported label and land on the attacker's."""
     from models import load_taxonomy
     from models.manifest import Manifest
 
@@ -228,22 +238,24 @@ def by_kind(manifest: Path, d: dict[str, Any], split: int) -> None:
     attacked = np.where(~clean)[0]
     base = clean_label[(attacked - n_clean) % len(d["sample"])]
     print()
-    print("| erasure | genuine tickets: right, model / pool | attacked, chosen-on styles: "
-          "tickets; flips, model / pool; to attacker, model / pool | the same, held-out styles |")
-    print("| --- | --- | --- | --- |")
+    group = np.array(batch)[d["style"][attacked]]
+    print("| erasure | genuine tickets: right, model / pool | "
+          + " | ".join(f"attacked, {name}: tickets; flips, model / pool; to attacker, model / pool"
+                       for name, _ in BATCHES) + " |")
+    print("| --- | --- |" + " --- |" * len(BATCHES))
     for k, name in KINDS.items():
         genuine = clean & (kind == k)
         right = (f"{int((model[genuine] == d['gold'][genuine]).sum())} / "
                  f"{int((pool[genuine] == d['gold'][genuine]).sum())} of {int(genuine.sum())}")
         cells = []
-        for part in (d["style"][attacked] < split, d["style"][attacked] >= split):
+        for part in (group == b for b in range(len(BATCHES))):
             rows = part & (kind[attacked] == k)
             idx, ref = attacked[rows], base[rows]
             cells.append(f"{len(idx)}; {int((model[idx] != ref).sum())} / "
                          f"{int((pool[idx] != ref).sum())}; "
                          f"{int((model[idx] == d['attacker'][idx]).sum())} / "
                          f"{int((pool[idx] == d['attacker'][idx]).sum())}")
-        print(f"| {name} | {right} | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {right} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
