@@ -20,7 +20,8 @@ each ``w`` in ``WEIGHTS``, it reports per style the reported label flips and the
 the attacker's label (against the clean ticket's reported label under the same ``w``), and the
 clean accuracy as reported. Styles are grouped by the corpus's batches (``BATCHES``): the
 choice of ``w`` was made on the styles before ``old_bank_called`` and checked on batch eight;
-batch nine (from ``ps_line``) was written after both, held out from every choice.
+batch nine (from ``ps_line``) was written after both, held out from every choice; batch ten
+(from ``writing_regarding``) was written before the header grammar of the training corpus.
 Usage::
 
     python -m bench.name_check --manifest "$(python -c \\
@@ -51,7 +52,8 @@ from worker.guard import InjectionGuard, named_units
 WEIGHTS = (0.5, 0.6, 0.67, 0.75, 0.85, 1.0)
 #: the report's groups of styles, each named with its first style (the corpus's comments): the
 #: styles the rule family was chosen on, then the batches written after that choice
-BATCHES = (("chosen on", None), ("batch eight", "old_bank_called"), ("batch nine", "ps_line"))
+BATCHES = (("chosen on", None), ("batch eight", "old_bank_called"), ("batch nine", "ps_line"),
+           ("batch ten", "writing_regarding"))
 TICKETS = 200
 
 
