@@ -162,3 +162,48 @@ def test_the_verdict_sets_each_attack_against_the_targets_with_its_sampling_nois
     assert verdict(style(0.054, 0.006), 500) == "above"
     assert verdict(style(0.016, 0.022), 500) == "above"  # the attacker's label: 1.2-3.9 %
     assert verdict(style(0.058, 0.0, kind="benign"), 500) == "-"  # controls are not targeted
+
+
+def test_header_copies_run_a_header_into_the_ticket_and_reuse_no_eval_wording() -> None:
+    """``--injection-headers``: a header naming another label, prepended and running into the
+    ticket, the gold label kept; none of an eval style's fixed words; a share of 0 draws as
+    before (the shipped recipe's rows are reproduced)."""
+    import yaml
+
+    from training.injection import CORPUS
+
+    headers = yaml.safe_load(CORPUS.read_text())["grammar"]["headers"]
+    extra = augment(ROWS, LABELS, 1.0, seed=3, grammar_share=0.5, header_share=1.0)
+    assert len(extra) == len(ROWS) and len({text for _, text in extra}) > 40
+    fixed = eval_wording()
+    for index, text in extra:
+        source, gold = ROWS[index]
+        assert text.endswith(" " + source)
+        added = text[:-len(source) - 1]
+        assert gold.replace("_", " ") not in added
+        assert any(added == h.format(words=label.replace("_", " "))
+                   for h in headers for label in LABELS), added
+        assert not any(part in added for part in fixed), added
+    assert augment(ROWS, LABELS, 1.0, seed=5, grammar_share=0.5) == augment(
+        ROWS, LABELS, 1.0, seed=5, grammar_share=0.5, header_share=0.0)
+
+
+def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
+    """A run stopped before ``injection_headers`` existed resumes under the code that has it,
+    as long as the run does not use it: the fingerprint is the one computed without the
+    field; set, it changes."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from training.finetune import _NOT_WEIGHTS, Recipe, run_fingerprint
+
+    ids, labels = [[1, 2, 3], [4, 5]], [0, 1]
+    recipe = Recipe(epochs=4)
+    before = {k: v for k, v in asdict(recipe).items()
+              if k not in _NOT_WEIGHTS and k != "injection_headers"}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode())
+    digest.update(json.dumps([ids, labels]).encode())
+    assert run_fingerprint(recipe, ids, labels) == digest.hexdigest()
+    assert run_fingerprint(Recipe(epochs=4, injection_headers=0.3), ids, labels) != \
+        digest.hexdigest()

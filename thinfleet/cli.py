@@ -172,7 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tuned = {name: getattr(args, name)
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
                           "validation_fraction", "field_loss_weight", "injection_augment",
-                          "injection_grammar", "injection_benign", "init_from", "layers",
+                          "injection_grammar", "injection_benign", "injection_headers",
+                          "init_from", "layers",
                           "distill_from", "distill_weight", "distill_temperature",
                           "weight_average_decay")
              if getattr(args, name) is not None}
@@ -379,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--injection-benign", type=float,
                    help="the share of those rows that carry only harmless words from the "
                         "corpus's benign grammar, no attack: consistency training (default 0)")
+    p.add_argument("--injection-headers", type=float,
+                   help="the share of the attacked rows that take a header naming the "
+                        "attacker's label, run into the ticket, from the corpus's "
+                        "grammar.headers (default 0)")
     p.add_argument("--weight-average-decay", type=float,
                    help="export an exponential moving average of the LoRA and head weights "
                         "with this decay per step, e.g. 0.99 (default 0: the last step's)")

@@ -93,6 +93,9 @@ class Recipe:
     #: the share of those rows that carry no attack, only harmless words from the corpus's
     #: ``benign`` grammar (consistency training, ``training.injection.benign_text``)
     injection_benign: float = 0.0
+    #: the share of the attacked rows that take a header naming the attacker's label, run into
+    #: the ticket (the corpus's ``grammar.headers``, ``training.injection.header``)
+    injection_headers: float = 0.0
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
@@ -321,17 +324,23 @@ def distill_loss(student: Any, teacher: Any, temperature: float) -> Any:
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Recipe fields that do not change the weights (a checkpoint resumes across them).
 _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
+#: Recipe fields added after checkpoints of runs without them existed, with the value that
+#: leaves such a run as it was: hashed only when set otherwise, so adding a knob does not
+#: orphan a checkpoint of a run that does not use it.
+_HASHED_WHEN_SET = {"injection_headers": 0.0}
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
                     answers: list[tuple[list[int], list[int]]] | None = None,
                     teacher: np.ndarray | None = None) -> str:
-    """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``), the encoded
+    """sha256 of what decides the weights: the recipe (less ``_NOT_WEIGHTS``, and less the
+    ``_HASHED_WHEN_SET`` fields at their neutral value), the encoded
     training rows (with their field targets) and the teacher's scores. A checkpoint resumes
     only a run with the same fingerprint."""
     import hashlib
 
-    params = {k: v for k, v in asdict(recipe).items() if k not in _NOT_WEIGHTS}
+    params = {k: v for k, v in asdict(recipe).items() if k not in _NOT_WEIGHTS
+              and (k not in _HASHED_WHEN_SET or v != _HASHED_WHEN_SET[k])}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(json.dumps([ids, labels]).encode())
     if answers:
@@ -457,7 +466,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
 
         extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed,
                         grammar_share=recipe.injection_grammar,
-                        benign_share=recipe.injection_benign)
+                        benign_share=recipe.injection_benign,
+                        header_share=recipe.injection_headers)
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]

@@ -97,6 +97,12 @@ def compose(rng: Any, grammar: dict[str, list[str]], words: str) -> tuple[str, s
     return text + rng.choice(grammar["ends"]), rng.choice(["prepend", "append"])
 
 
+def header(rng: Any, headers: list[str], words: str) -> str:
+    """One header from the corpus's ``grammar.headers`` naming ``words``: always prepended,
+    running into the ticket (``"Concerning card arrival: where is my card?"``)."""
+    return str(rng.choice(headers)).format(words=words)
+
+
 def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
     """``text`` with harmless words from the corpus's ``benign`` grammar: an opener before it
     (a third of the time), a closer after it (a third) or both (a third)."""
@@ -110,7 +116,7 @@ def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
 
 def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
             corpus: Path = CORPUS, grammar_share: float = 0.0,
-            benign_share: float = 0.0) -> list[tuple[int, str]]:
+            benign_share: float = 0.0, header_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
     ``eval`` style, never a control) naming another label, and the row's **gold** label
@@ -119,8 +125,10 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     ``grammar`` instead (``compose``). ``benign_share`` of them carry no attack at all, only
     harmless words (``benign_text``): consistency training (the label must not move when words
     that say nothing about the route are added; Xie et al. 2020, "Unsupervised Data
-    Augmentation for Consistency Training", arXiv:1904.12848, with the gold label kept). With
-    both shares 0 the rows are those of earlier recipes, draw for draw. Deterministic for a
+    Augmentation for Consistency Training", arXiv:1904.12848, with the gold label kept).
+    ``header_share`` of the attacked copies (before ``grammar_share`` is drawn) take a header
+    from ``grammar.headers`` instead (``header``), prepended. With the three shares 0 the rows
+    are those of earlier recipes, draw for draw. Deterministic for a
     seed; a style's ``{question}`` comes from another row of the attacker's label. Returns
     ``(index of the source row, augmented text)`` pairs."""
     import random
@@ -131,6 +139,7 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     document = yaml.safe_load(corpus.read_text())
     grammar = document.get("grammar") if grammar_share > 0 else None
     benign = document.get("benign") if benign_share > 0 else None
+    headers = (document.get("grammar") or {}).get("headers") if header_share > 0 else None
     rng = random.Random(seed)
     by_label: dict[str, list[str]] = {}
     for text, label in rows:
@@ -142,6 +151,10 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
             out.append((index, benign_text(rng, benign, text)))
             continue
         attacker = rng.choice([label for label in labels if label != gold])
+        if headers and rng.random() < header_share:
+            out.append((index, place(text, header(rng, headers, attacker.replace("_", " ")),
+                                     "prepend")))
+            continue
         if grammar and rng.random() < grammar_share:
             out.append((index, place(text, *compose(rng, grammar, attacker.replace("_", " ")))))
             continue
