@@ -66,7 +66,8 @@ def robust(model_file: Path) -> Iterator[RoutingEngine]:
 
 
 # every held-out attack style on 11 tickets through two routers: about 250 s alone on 2 cores
-# since batch nine (59 held-out attack styles), close to pytest's 300 s default here
+# with batch nine (59 held-out attack styles), 339 s with batch ten (65) beside a training
+# run: over pytest's 300 s default here
 @pytest.mark.timeout(600)
 def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
         model_file: Path, robust: RoutingEngine, rows: list[dict[str, str]]) -> None:
