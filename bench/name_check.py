@@ -15,7 +15,8 @@ This script routes, through the worker's engine, once:
   guard does not flag (``--split eval --plain``; the same attacker labels as
   ``thinfleet injection``), both readings;
 
-and caches the raw scores under ``var/bench/name-check-<manifest sha256 prefix>.npz``. Then, for
+and caches the raw scores under ``var/bench/name-check-<manifest sha256 prefix>.npz``, per
+text, so a corpus that gains a batch routes only that batch's tickets. Then, for
 each ``w`` in ``WEIGHTS``, it reports per style the reported label flips and the rate landing on
 the attacker's label (against the clean ticket's reported label under the same ``w``), and the
 clean accuracy as reported. Styles are grouped by the corpus's batches (``BATCHES``): the
@@ -107,23 +108,46 @@ def erasure_kind(guard: InjectionGuard, text: str) -> int:
 def readings(manifest: Path) -> dict[str, Any]:
     """Raw head scores of every ticket of ``tickets``, ``full`` and ``erased``
     (``[n, n_labels]`` float32; ``erased`` rows are NaN where a ticket names no label), with
-    ``tickets``' arrays but the texts; cached per manifest."""
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
-    cache = Path("var/bench") / f"name-check-{digest}.npz"
-    if cache.exists():
-        return dict(np.load(cache, allow_pickle=False))
-    from tqdm import tqdm
-
+    ``tickets``' arrays but the texts. Cached per manifest and text: a corpus that gains a
+    batch routes only the new batch's tickets."""
     from models import load_taxonomy
     from models.manifest import Manifest
+
+    spec = Manifest.model_validate_json(manifest.read_text())
+    taxonomy = load_taxonomy(spec.taxonomy.name)
+    data = tickets(taxonomy.label_names)
+    texts: list[str] = data.pop("texts")
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+    cache = Path("var/bench") / f"name-check-{digest}.npz"
+    known: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if cache.exists():
+        stored = np.load(cache, allow_pickle=False)
+        if "texts" in stored:  # a cache from before texts were stored is read again
+            known = {str(x): (f, e) for x, f, e in
+                     zip(stored["texts"], stored["full"], stored["erased"], strict=True)}
+    missing = [x for x in dict.fromkeys(texts) if x not in known]
+    if missing:
+        known.update(_route(manifest, taxonomy, missing))
+    full = np.stack([known[x][0] for x in texts]).astype(np.float32)
+    erased = np.stack([known[x][1] for x in texts]).astype(np.float32)
+    arrays = {"full": full, "erased": erased, **{k: np.array(v) for k, v in data.items()}}
+    if missing:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, texts=np.array(texts), **arrays)  # type: ignore[arg-type]
+    return arrays
+
+
+def _route(manifest: Path, taxonomy: Any,
+           texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both readings' raw head scores of each of ``texts`` through the worker's engine."""
+    from tqdm import tqdm
+
     from thinfleet.devstack import stage_model_dir
     from worker.acquire import resolve_model
     from worker.cpus import plan_threads
     from worker.settings import WorkerSettings
     from worker.tasks import build_engine
 
-    spec = Manifest.model_validate_json(manifest.read_text())
-    taxonomy = load_taxonomy(spec.taxonomy.name)
     settings = WorkerSettings()
     resolved = resolve_model(model_uri="", model_sha256=settings.model_sha256,
                              manifest_uri=str(stage_model_dir(manifest)), manifest_sha256=None,
@@ -131,23 +155,19 @@ def readings(manifest: Path) -> dict[str, Any]:
                              cache_dir=settings.model_cache_dir)
     engine = build_engine(resolved, taxonomy, plan_threads(1).threads, settings)
     guard = InjectionGuard.for_taxonomy(taxonomy)
-    data = tickets(taxonomy.label_names)
-    texts = data.pop("texts")
-    full = np.full((len(texts), len(taxonomy.label_names)), np.nan, np.float32)
-    erased = np.full_like(full, np.nan)
+    out = {}
     try:
-        for i, text in enumerate(tqdm(texts, desc="readings", mininterval=30)):
+        for text in tqdm(texts, desc="readings", mininterval=30):
             assert not guard.signals(text), text  # plain language only: no redaction
-            full[i] = engine.route(text).scores
+            full = np.asarray(engine.route(text).scores, np.float32)
+            erased = np.full_like(full, np.nan)
             second = guard.erase_label_names(text)
             if second is not None:
-                erased[i] = engine.route(*second).scores
+                erased = np.asarray(engine.route(*second).scores, np.float32)
+            out[text] = (full, erased)
     finally:
         engine.close()
-    arrays = {"full": full, "erased": erased, **{k: np.array(v) for k, v in data.items()}}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **arrays)  # type: ignore[arg-type]
-    return arrays
+    return out
 
 
 def reported(full: np.ndarray, erased: np.ndarray, w: float) -> np.ndarray:
