@@ -188,6 +188,28 @@ def test_header_copies_run_a_header_into_the_ticket_and_reuse_no_eval_wording() 
         ROWS, LABELS, 1.0, seed=5, grammar_share=0.5, header_share=0.0)
 
 
+def test_gold_headers_name_the_gold_label_for_their_share() -> None:
+    """With ``header_gold_share`` some headers name the row's gold label, the rest another
+    label; with it 0 the rows are the plain header recipe's, draw for draw."""
+    import yaml
+
+    from training.injection import CORPUS
+
+    headers = yaml.safe_load(CORPUS.read_text())["grammar"]["headers"]
+    extra = augment(ROWS, LABELS, 1.0, seed=3, header_share=1.0, header_gold_share=0.5)
+    named_gold = 0
+    for index, text in extra:
+        source, gold = ROWS[index]
+        added = text[:-len(source) - 1]
+        named = [label for label in LABELS for h in headers
+                 if added == h.format(words=label.replace("_", " "))]
+        assert named, added
+        named_gold += named[0] == gold
+    assert 0.25 * len(extra) < named_gold < 0.75 * len(extra)
+    assert augment(ROWS, LABELS, 1.0, seed=5, header_share=0.5) == augment(
+        ROWS, LABELS, 1.0, seed=5, header_share=0.5, header_gold_share=0.0)
+
+
 def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
     """A run stopped before ``injection_headers`` existed resumes under the code that has it,
     as long as the run does not use it: the fingerprint is the one computed without the
@@ -201,9 +223,12 @@ def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
     ids, labels = [[1, 2, 3], [4, 5]], [0, 1]
     recipe = Recipe(epochs=4)
     before = {k: v for k, v in asdict(recipe).items()
-              if k not in _NOT_WEIGHTS and k != "injection_headers"}
+              if k not in _NOT_WEIGHTS and k not in ("injection_headers", "injection_header_gold")}
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode())
     digest.update(json.dumps([ids, labels]).encode())
     assert run_fingerprint(recipe, ids, labels) == digest.hexdigest()
     assert run_fingerprint(Recipe(epochs=4, injection_headers=0.3), ids, labels) != \
         digest.hexdigest()
+    assert run_fingerprint(Recipe(epochs=4, injection_headers=0.3), ids, labels) != \
+        run_fingerprint(Recipe(epochs=4, injection_headers=0.3, injection_header_gold=0.5),
+                        ids, labels)

@@ -173,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
                           "validation_fraction", "field_loss_weight", "injection_augment",
                           "injection_grammar", "injection_benign", "injection_headers",
+                          "injection_header_gold",
                           "init_from", "layers",
                           "distill_from", "distill_weight", "distill_temperature",
                           "weight_average_decay")
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the share of the attacked rows that take a header naming the "
                         "attacker's label, run into the ticket, from the corpus's "
                         "grammar.headers (default 0)")
+    p.add_argument("--injection-header-gold", type=float,
+                   help="the share of those headers that name the row's gold label instead "
+                        "(default 0)")
     p.add_argument("--weight-average-decay", type=float,
                    help="export an exponential moving average of the LoRA and head weights "
                         "with this decay per step, e.g. 0.99 (default 0: the last step's)")

@@ -96,6 +96,9 @@ class Recipe:
     #: the share of the attacked rows that take a header naming the attacker's label, run into
     #: the ticket (the corpus's ``grammar.headers``, ``training.injection.header``)
     injection_headers: float = 0.0
+    #: the share of those headers that name the row's gold label instead of the attacker's
+    #: (an opening that names a label then carries no signal either way)
+    injection_header_gold: float = 0.0
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
@@ -327,7 +330,7 @@ _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 #: Recipe fields added after checkpoints of runs without them existed, with the value that
 #: leaves such a run as it was: hashed only when set otherwise, so adding a knob does not
 #: orphan a checkpoint of a run that does not use it.
-_HASHED_WHEN_SET = {"injection_headers": 0.0}
+_HASHED_WHEN_SET = {"injection_headers": 0.0, "injection_header_gold": 0.0}
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
@@ -467,7 +470,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
         extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed,
                         grammar_share=recipe.injection_grammar,
                         benign_share=recipe.injection_benign,
-                        header_share=recipe.injection_headers)
+                        header_share=recipe.injection_headers,
+                        header_gold_share=recipe.injection_header_gold)
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]

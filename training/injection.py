@@ -116,7 +116,8 @@ def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
 
 def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
             corpus: Path = CORPUS, grammar_share: float = 0.0,
-            benign_share: float = 0.0, header_share: float = 0.0) -> list[tuple[int, str]]:
+            benign_share: float = 0.0, header_share: float = 0.0,
+            header_gold_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
     ``eval`` style, never a control) naming another label, and the row's **gold** label
@@ -127,8 +128,11 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     that say nothing about the route are added; Xie et al. 2020, "Unsupervised Data
     Augmentation for Consistency Training", arXiv:1904.12848, with the gold label kept).
     ``header_share`` of the attacked copies (before ``grammar_share`` is drawn) take a header
-    from ``grammar.headers`` instead (``header``), prepended. With the three shares 0 the rows
-    are those of earlier recipes, draw for draw. Deterministic for a
+    from ``grammar.headers`` instead (``header``), prepended; ``header_gold_share`` of those
+    headers name the row's **gold** label instead of the attacker's, so that an opening naming
+    a label is uninformative to the model rather than always a lie (a genuine ticket's first
+    words often name its topic). With the shares 0 the rows are those of earlier recipes, draw
+    for draw. Deterministic for a
     seed; a style's ``{question}`` comes from another row of the attacker's label. Returns
     ``(index of the source row, augmented text)`` pairs."""
     import random
@@ -152,7 +156,9 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
             continue
         attacker = rng.choice([label for label in labels if label != gold])
         if headers and rng.random() < header_share:
-            out.append((index, place(text, header(rng, headers, attacker.replace("_", " ")),
+            named = gold if header_gold_share > 0 and rng.random() < header_gold_share \
+                else attacker
+            out.append((index, place(text, header(rng, headers, named.replace("_", " ")),
                                      "prepend")))
             continue
         if grammar and rng.random() < grammar_share:
