@@ -10,7 +10,7 @@ LLAMA_FLAGS_ID := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256su
 WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
 STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
-.PHONY: install install-train demo demo-ecommerce test lint pytest schema train train-robust train-ecommerce injection \
+.PHONY: install install-train demo demo-ecommerce test lint pytest schema train train-robust soup train-ecommerce injection \
 	train-pruned frontier \
 	eval eval-ecommerce bench faults clean chart
 
@@ -64,6 +64,23 @@ train-robust: install-train
 	  --out $(ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
 	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
 	  --weight-average-decay 0.995
+
+# Not shipped yet (README, "Security", "A soup"): the same stage 2 with gold-label headers
+# (about 60 min on 2 CPU cores), then the uniform soup of it and the shipped stage 2 (exact mean of
+# their LoRA updates and heads), calibrated on the validation rows and merged to Q4_K_M.
+HEADERS_ROUTER := var/train/stage2-goldheaders-1ep
+SOUP := var/soup/banking77-gemma3-270m-lora-soup
+$(HEADERS_ROUTER)/manifest.json:
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out $(HEADERS_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
+	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5
+
+soup: install-train $(HEADERS_ROUTER)/manifest.json
+	$(BIN)/thinfleet soup $(ROUTER)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(SOUP)
+	$(BIN)/thinfleet calibrate --manifest $(SOUP)/manifest.json
+	$(BIN)/thinfleet eval --manifest $(SOUP)/manifest.json --out $(SOUP)/eval
+	$(BIN)/thinfleet merge $(SOUP)/manifest.json --out $(SOUP)-merged
 
 # Pruned routers (issue 16): the base model's first K blocks, the shipped router's LoRA of those
 # blocks as the start, a new head, 1 epoch, distilled from the shipped router merged as the

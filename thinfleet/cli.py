@@ -10,6 +10,7 @@
     thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
     thinfleet calibrate --manifest M --precision P  fit the calibration and threshold into M
     thinfleet injection --manifest M              prompt injection per style, with the guard
+    thinfleet soup     M1 M2 --out DIR            average routers trained from the same start
     thinfleet demo                                the whole fleet on real Banking77 tickets
 
 Exit codes: 0 ok, 1 the system failed (unreachable Redis, worker boot refused), 2 bad input.
@@ -276,6 +277,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    from training.soup import soup_routers
+
+    path = soup_routers([Path(m).parent for m in args.manifests], Path(args.out))
+    _print_json({"manifest": str(path)})
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from thinfleet.devstack import stage_model_dir, upload_model_dir
     from worker.acquire import sha256_file
@@ -463,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["Q4_K_M", "Q8_0"], default="Q4_K_M")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("soup", help="average two or more routers trained from the same start "
+                       "(exact mean of their LoRA updates and heads; then eval and calibrate)")
+    p.add_argument("manifests", nargs="+", help="the routers' manifests")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("publish", help="upload a model (manifest and files) to S3")
     p.add_argument("manifest")

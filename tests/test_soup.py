@@ -1,0 +1,100 @@
+"""``thinfleet soup``: the uniform soup of routers trained from the same start.
+
+The LoRA mean is checked exactly on small adapters written with gguf-py (pure arithmetic), and
+end to end on the shipped routers: the soup of a router with itself serves its labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.manifest import Manifest
+from training.soup import soup_adapters, soup_heads, soup_routers, write_adapter
+
+STAGE1 = Path("models/trained/banking77-gemma3-270m-lora")
+ROBUST = Path("models/trained/banking77-gemma3-270m-lora-robust")
+
+
+def read_update(path: Path, target: str) -> np.ndarray:
+    """``alpha / r * B @ A`` of ``target`` in the adapter at ``path``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    t = {x.name: np.asarray(x.data, dtype=np.float32) for x in reader.tensors}
+    a, b = t[f"{target}.lora_a"], t[f"{target}.lora_b"]
+    return alpha / a.shape[0] * b @ a
+
+
+def test_the_soup_update_is_the_mean_of_the_updates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    target = "blk.0.attn_q.weight"
+    paths = [write_adapter(tmp_path / f"a{i}.gguf", 8.0, {
+        f"{target}.lora_a": rng.normal(size=(4, 12)), f"{target}.lora_b": rng.normal(size=(6, 4))})
+        for i in range(3)]
+    soup = soup_adapters(paths, tmp_path / "soup.gguf")
+    expected = np.mean([read_update(p, target) for p in paths], axis=0)
+    got = read_update(soup, target)
+    assert got.shape == (6, 12)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_adapters_of_another_shape_are_refused(tmp_path: Path) -> None:
+    target = "blk.0.attn_q.weight"
+    a = write_adapter(tmp_path / "a.gguf", 8.0, {f"{target}.lora_a": np.ones((4, 12)),
+                                                f"{target}.lora_b": np.ones((6, 4))})
+    b = write_adapter(tmp_path / "b.gguf", 8.0, {f"{target}.lora_a": np.ones((2, 12)),
+                                                f"{target}.lora_b": np.ones((6, 2))})
+    with pytest.raises(ValueError, match="another alpha, rank"):
+        soup_adapters([a, b], tmp_path / "soup.gguf")
+
+
+def test_heads_are_averaged_and_must_share_labels(tmp_path: Path) -> None:
+    labels = np.array(["a", "b"])
+    for i, w in enumerate((1.0, 3.0)):
+        np.savez(tmp_path / f"h{i}.npz", weight=np.full((2, 3), w), bias=np.full(2, w),
+                 labels=labels)
+    soup_heads([tmp_path / "h0.npz", tmp_path / "h1.npz"], tmp_path / "soup.npz")
+    head = np.load(tmp_path / "soup.npz")
+    assert (head["weight"] == 2.0).all() and (head["bias"] == 2.0).all()
+    np.savez(tmp_path / "h2.npz", weight=np.zeros((2, 3)), bias=np.zeros(2),
+             labels=np.array(["a", "c"]))
+    with pytest.raises(ValueError, match="other labels"):
+        soup_heads([tmp_path / "h0.npz", tmp_path / "h2.npz"], tmp_path / "bad.npz")
+
+
+@pytest.mark.skipif(not (STAGE1 / "manifest.json").exists(), reason="no shipped router")
+def test_a_router_souped_with_itself_serves_its_labels(tmp_path: Path) -> None:
+    from tests.test_merge import engine_for
+
+    path = soup_routers([STAGE1, STAGE1], tmp_path / "soup")
+    manifest = Manifest.model_validate_json(path.read_text())
+    assert manifest.calibration is None and manifest.selective is None
+    assert [s["name"] for s in manifest.recipe["soup_of"]] == [STAGE1.name, STAGE1.name]
+    with Path("data/banking77/validation.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:30:3]
+    _, original = engine_for(STAGE1 / "manifest.json")
+    _, souped = engine_for(path)
+    try:
+        for row in rows:
+            a, b = original.route(row["text"]), souped.route(row["text"])
+            assert a.label == b.label, row["text"]
+    finally:
+        original.close()
+        souped.close()
+
+
+def test_routers_of_another_taxonomy_or_base_are_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    source = json.loads((ROBUST / "manifest.json").read_text())
+    source["taxonomy"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(source))
+    with pytest.raises(ValueError, match="another base model, taxonomy"):
+        soup_routers([ROBUST, other], tmp_path / "soup")
+    with pytest.raises(ValueError, match="two or more"):
+        soup_routers([ROBUST], tmp_path / "soup")
