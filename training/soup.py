@@ -25,9 +25,9 @@ import numpy as np
 from models.manifest import MANIFEST_NAME, Manifest
 from models.schemas import utcnow
 from training.export import file_ref
+from training.finetune import HEAD_FILE
 
 ADAPTER_FILE = "adapter.gguf"
-HEAD_FILE = "head.npz"
 
 
 def _read_adapter(path: Path) -> tuple[float, dict[str, np.ndarray]]:
@@ -105,8 +105,8 @@ def soup_routers(router_dirs: list[Path], out_dir: Path, name: str | None = None
     manifest's path.
 
     The manifest is the first router's with the soup's files, ``recipe.soup_of`` naming the
-    ingredients (name, adapter sha256 and recipe), and no metrics, calibration or threshold (fit them
-    with ``thinfleet eval`` and ``thinfleet calibrate``). Raises ``ValueError`` when there are
+    ingredients (name, adapter sha256 and recipe), and no metrics, calibration or threshold
+    (fit them with ``thinfleet eval`` and ``thinfleet calibrate``). Raises ``ValueError`` when there are
     fewer than two routers, or they differ in base model, taxonomy, prompt, decoder or LoRA
     shape, or one has no adapter or head.
     """
