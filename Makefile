@@ -41,35 +41,39 @@ demo-ecommerce: install
 
 BANKING77 ?= ../shared/datasets/banking77/train.csv
 STAGE1 := models/trained/banking77-gemma3-270m-lora
-ROUTER := models/trained/banking77-gemma3-270m-lora-robust
+ROBUST := models/trained/banking77-gemma3-270m-lora-robust
+# the shipped router: the soup of two stage-2 runs (below)
+ROUTER := models/trained/banking77-gemma3-270m-lora-soup
 
 install-train: install
 	$(BIN)/pip install -q -e '.[dev,train]'
 
-# The shipped router is built in two stages. Stage 1: the recipe's defaults
+# The shipped router is built in three steps: stage 1, two stage-2 runs from it, their soup.
+# Stage 1: the recipe's defaults
 # (training.finetune.Recipe: 3 epochs, label smoothing 0.1; about 1 h 45 min on 2 CPU cores;
 # uses a CUDA GPU when present).
 train: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(STAGE1)
 
-# Stage 2 (issue 12): continue from stage 1 with adversarial augmentation (half the injection
-# corpus's train styles, half plain language composed from its grammar; gold label kept), one
-# epoch over the rows plus as many injected copies, lower learning rates, distilled from stage 1
-# (an injected copy learns stage 1's soft labels for its clean row), exporting the moving
-# average of the weights (decay 0.995 per step); about 9 min of teacher scores, once, then
-# 60 min on 2 CPU cores.
+# Stage 2 (issue 12), the soup's first ingredient: continue from stage 1 with adversarial
+# augmentation (half the injection corpus's train styles, half plain language composed from its
+# grammar; gold label kept), one epoch over the rows plus as many injected copies, lower learning
+# rates, distilled from stage 1 (an injected copy learns stage 1's soft labels for its clean row),
+# exporting the moving average of the weights (decay 0.995 per step); about 9 min of teacher
+# scores, once, then 60 min on 2 CPU cores.
 train-robust: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
+	  --out $(ROBUST) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
 	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
 	  --weight-average-decay 0.995
 
-# Not shipped yet (README, "Security", "A soup"): the same stage 2 with gold-label headers
-# (about 60 min on 2 CPU cores), then the uniform soup of it and the shipped stage 2 (exact mean of
-# their LoRA updates and heads), calibrated on the validation rows and merged to Q4_K_M.
+# The soup's second ingredient (README, "Security", "A soup"): the same stage 2 with gold-label
+# headers (about 60 min on 2 CPU cores; not stored, the soup's manifest pins its adapter's
+# sha256 and recipe). Then the shipped router: the uniform soup of the two (exact mean of their
+# LoRA updates and heads, deterministic, under a second), calibrated on the validation rows and
+# evaluated there (about 3 min); the demo merges it to Q4_K_M.
 HEADERS_ROUTER := var/train/stage2-goldheaders-1ep
-SOUP := var/soup/banking77-gemma3-270m-lora-soup
 $(HEADERS_ROUTER)/manifest.json:
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(HEADERS_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
@@ -77,20 +81,20 @@ $(HEADERS_ROUTER)/manifest.json:
 	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5
 
 soup: install-train $(HEADERS_ROUTER)/manifest.json
-	$(BIN)/thinfleet soup $(ROUTER)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(SOUP)
-	$(BIN)/thinfleet calibrate --manifest $(SOUP)/manifest.json
-	$(BIN)/thinfleet eval --manifest $(SOUP)/manifest.json --out $(SOUP)/eval
-	$(BIN)/thinfleet merge $(SOUP)/manifest.json --out $(SOUP)-merged
+	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(ROUTER)
+	$(BIN)/thinfleet calibrate --manifest $(ROUTER)/manifest.json
+	$(BIN)/thinfleet eval --manifest $(ROUTER)/manifest.json --out $(ROUTER)
 
-# Pruned routers (issue 16): the base model's first K blocks, the shipped router's LoRA of those
-# blocks as the start, a new head, 1 epoch, distilled from the shipped router merged as the
-# fleet serves it (README, "Pruning and distillation"; K=9: about 30 min on 2 CPU cores).
+# Pruned routers (issue 16): the base model's first K blocks, the stage-2 router's LoRA of those
+# blocks as the start, a new head, 1 epoch, distilled from it merged as the fleet served it
+# then (README, "Pruning and distillation"; K=9: about 30 min on 2 CPU cores).
 K ?= 9
 train-pruned: install-train
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out models/trained/banking77-gemma3-270m-$(K)blocks --layers $(K) --init-from $(ROUTER) \
+	  --out models/trained/banking77-gemma3-270m-$(K)blocks --layers $(K) --init-from $(ROBUST) \
 	  --epochs 1 --distill-from $$($(BIN)/python -c \
-	    "from thinfleet.demo import merged_router; print(merged_router())")
+	    "from pathlib import Path; from thinfleet.demo import merged_router; \
+	     print(merged_router(Path('$(ROBUST)/manifest.json')))")
 
 # The pruning/distillation frontier table (README): every router under models/trained with
 # "blocks" in its name beside the shipped one, 1 and 2 threads, floors, and the fleet.

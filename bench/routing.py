@@ -45,7 +45,7 @@ import numpy as np
 from models.taxonomy import Taxonomy
 
 SAMPLE = Path("data/banking77/sample.csv")
-ROUTER = Path("models/trained/banking77-gemma3-270m-lora-robust/manifest.json")
+ROUTER = Path("models/trained/banking77-gemma3-270m-lora-soup/manifest.json")
 
 
 def load_tickets(n: int) -> list[str]:

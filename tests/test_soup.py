@@ -17,6 +17,7 @@ from training.soup import soup_adapters, soup_heads, soup_routers, write_adapter
 
 STAGE1 = Path("models/trained/banking77-gemma3-270m-lora")
 ROBUST = Path("models/trained/banking77-gemma3-270m-lora-robust")
+SHIPPED = Path("models/trained/banking77-gemma3-270m-lora-soup")
 
 
 def read_update(path: Path, target: str) -> np.ndarray:
@@ -98,3 +99,20 @@ def test_routers_of_another_taxonomy_or_base_are_refused(tmp_path: Path) -> None
         soup_routers([ROBUST, other], tmp_path / "soup")
     with pytest.raises(ValueError, match="two or more"):
         soup_routers([ROBUST], tmp_path / "soup")
+
+
+def test_the_shipped_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None:
+    """The shipped router's manifest names its two ingredients (``make soup``): the stored
+    stage-2 router, pinned by its adapter's sha256, and the gold-header run, by its recipe; and
+    it carries the calibration and threshold fitted on the soup itself, not an ingredient's."""
+    shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
+    robust = Manifest.model_validate_json((ROBUST / "manifest.json").read_text())
+    first, second = shipped.recipe["soup_of"]
+    assert robust.adapter is not None and first["name"] == ROBUST.name
+    assert first["adapter_sha256"] == robust.adapter.sha256
+    assert second["name"] == "stage2-goldheaders-1ep"
+    assert (second["recipe"]["injection_headers"], second["recipe"]["injection_header_gold"]) == (
+        0.6, 0.5)
+    assert shipped.calibration is not None and shipped.selective is not None
+    assert shipped.calibration != robust.calibration
+    assert shipped.selective.threshold != robust.selective.threshold  # type: ignore[union-attr]

@@ -38,7 +38,7 @@ from thinfleet import devstack
 from worker.acquire import sha256_file
 
 VAR = Path("var/demo")
-SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-robust/manifest.json")
+SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-soup/manifest.json")
 
 
 @dataclass(frozen=True)
