@@ -45,6 +45,8 @@ from models.taxonomy import Taxonomy
 from worker.prompt import PromptStyle, answer_ids, build_prefix, encode_ticket
 
 HEAD_FILE = "head.npz"
+#: a router's GGUF LoRA adapter, beside its head
+ADAPTER_FILE = "adapter.gguf"
 #: ignored target (torch's ``cross_entropy`` default ``ignore_index``)
 IGNORE = -100
 #: gold extraction values per row (field name -> value), parallel to the ``(text, label)`` rows
@@ -211,7 +213,7 @@ class RouterModel:
                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                    "ffn_down": "mlp.down_proj"}
         params = dict(self.peft.named_parameters())
-        reader = gguf.GGUFReader(str(router_dir / "adapter.gguf"))
+        reader = gguf.GGUFReader(str(router_dir / ADAPTER_FILE))
         loaded = 0
         with torch.no_grad():
             for tensor in reader.tensors:

@@ -24,6 +24,16 @@ import numpy as np
 QuantType = Literal["Q4_K_M", "Q8_0"]
 
 
+def read_adapter(path: Path) -> tuple[float, dict[str, np.ndarray]]:
+    """``(alpha, {tensor name: float32 array})`` of the GGUF LoRA adapter at ``path``
+    (``name.lora_a [r, in]``, ``name.lora_b [out, r]``, NumPy order as gguf-py reads them)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    return alpha, {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+
+
 def merge_to_f16(base_gguf: Path, adapter_gguf: Path, out_file: Path) -> Path:
     """Write ``out_file``: ``base_gguf`` with the LoRA ``adapter_gguf`` merged in, as F16.
 
@@ -32,12 +42,11 @@ def merge_to_f16(base_gguf: Path, adapter_gguf: Path, out_file: Path) -> Path:
     import gguf
 
     base = gguf.GGUFReader(str(base_gguf))
-    adapter = gguf.GGUFReader(str(adapter_gguf))
-    alpha = float(adapter.fields["adapter.lora.alpha"].contents())
+    alpha, tensors = read_adapter(adapter_gguf)
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    for t in adapter.tensors:
-        target, _, part = t.name.rpartition(".lora_")
-        pairs.setdefault(target, {})[part] = np.asarray(t.data, dtype=np.float32)
+    for name, value in tensors.items():
+        target, _, part = name.rpartition(".lora_")
+        pairs.setdefault(target, {})[part] = value
     arch = str(base.fields["general.architecture"].contents())
     writer = gguf.GGUFWriter(str(out_file), arch=arch)
     for field in base.fields.values():

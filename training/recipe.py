@@ -23,7 +23,7 @@ from typing import Any
 
 from models.taxonomy import Taxonomy
 from training.export import convert_adapter, data_ref, write_manifest
-from training.finetune import ADAPTER_DIR, HEAD_FILE, FieldRows, Recipe, train
+from training.finetune import ADAPTER_DIR, ADAPTER_FILE, HEAD_FILE, FieldRows, Recipe, train
 from training.prune import prune_gguf, pruned_name
 from training.split import stratified_split
 from worker.acquire import sha256_file
@@ -54,7 +54,7 @@ def _init_ref(recipe: Recipe) -> dict[str, str]:
     """The sha256 of the adapter a continued run started from (``recipe.init_from``)."""
     if not recipe.init_from:
         return {}
-    return {"init_from_adapter_sha256": sha256_file(Path(recipe.init_from) / "adapter.gguf")}
+    return {"init_from_adapter_sha256": sha256_file(Path(recipe.init_from) / ADAPTER_FILE)}
 
 
 def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Recipe,
@@ -67,7 +67,7 @@ def evaluate_dir(out_dir: Path, base_gguf: Path, taxonomy: Taxonomy, recipe: Rec
 
     engine = RoutingEngine(base_gguf, taxonomy, n_threads=threads,
                            max_ticket_tokens=recipe.max_ticket_tokens,
-                           adapter_path=out_dir / "adapter.gguf",
+                           adapter_path=out_dir / ADAPTER_FILE,
                            head=LabelHead.load(out_dir / HEAD_FILE),
                            prompt_style=recipe.prompt_style)
     try:
@@ -102,7 +102,7 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
     if not skip_training:
         train(base_gguf, taxonomy, train_rows, work, recipe, validation_rows=eval_rows,
               stop_after_steps=stop_after_steps, train_fields=train_fields)
-    convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / "adapter.gguf")
+    convert_adapter(work / ADAPTER_DIR, work / "base-config", out_dir / ADAPTER_FILE)
     shutil.copyfile(work / HEAD_FILE, out_dir / HEAD_FILE)
     served_base, pruned = base_gguf, dict[str, str]()
     if recipe.layers is not None:  # the base the adapter was trained on: its first k blocks
@@ -120,7 +120,7 @@ def run_recipe(data: Path, taxonomy: Taxonomy, out_dir: Path, base_gguf: Path, r
     train_info = json.loads((work / "train.json").read_text())
     path = write_manifest(
         out_dir, name=out_dir.name, base_gguf=served_base, taxonomy=taxonomy,
-        adapter=out_dir / "adapter.gguf", head=out_dir / HEAD_FILE, decoder="head",
+        adapter=out_dir / ADAPTER_FILE, head=out_dir / HEAD_FILE, decoder="head",
         prompt_style=recipe.prompt_style, max_ticket_tokens=recipe.max_ticket_tokens,
         data=data_ref(data, len(train_rows), len(eval_rows),
                       f"stratified {len(eval_rows)}/{len(rows)}, seed {recipe.seed}"),

@@ -25,18 +25,8 @@ import numpy as np
 from models.manifest import MANIFEST_NAME, Manifest
 from models.schemas import utcnow
 from training.export import file_ref
-from training.finetune import HEAD_FILE
-
-ADAPTER_FILE = "adapter.gguf"
-
-
-def _read_adapter(path: Path) -> tuple[float, dict[str, np.ndarray]]:
-    """``(alpha, {tensor name: float32 array})`` of a GGUF LoRA adapter."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    alpha = float(reader.fields["adapter.lora.alpha"].contents())
-    return alpha, {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+from training.finetune import ADAPTER_FILE, HEAD_FILE
+from training.merge import read_adapter
 
 
 def soup_adapters(adapters: list[Path], out_file: Path, architecture: str = "gemma3") -> Path:
@@ -46,7 +36,7 @@ def soup_adapters(adapters: list[Path], out_file: Path, architecture: str = "gem
     reads them); the result has rank ``n * r`` and alpha ``n * alpha``, stored as F16. Raises
     ``ValueError`` when the adapters' alphas, tensor names or shapes differ.
     """
-    read = [_read_adapter(p) for p in adapters]
+    read = [read_adapter(p) for p in adapters]
     alpha, first = read[0]
     for path, (a, tensors) in zip(adapters[1:], read[1:], strict=True):
         if a != alpha or tensors.keys() != first.keys() or any(
