@@ -210,6 +210,37 @@ def test_gold_headers_name_the_gold_label_for_their_share() -> None:
         ROWS, LABELS, 1.0, seed=5, header_share=0.5, header_gold_share=0.0)
 
 
+def test_account_copies_are_sentences_of_their_own_and_reuse_no_eval_wording() -> None:
+    """``--injection-accounts``: a second-hand or earlier account naming a label, a sentence
+    before or after the ticket, the gold label kept; ``account_gold_share`` of them name the
+    gold label; none of an eval style's fixed words (batch eleven included); a share of 0
+    draws as before (the shipped recipe's rows are reproduced)."""
+    import yaml
+
+    from training.injection import CORPUS
+
+    accounts = yaml.safe_load(CORPUS.read_text())["grammar"]["accounts"]
+    extra = augment(ROWS, LABELS, 1.0, seed=3, header_share=0.6, account_share=1.0,
+                    account_gold_share=0.5)
+    fixed = eval_wording()
+    named_gold, prepended = 0, 0
+    for index, text in extra:
+        source, gold = ROWS[index]
+        added = text[:-len(source) - 1] if text.endswith(" " + source) else text[len(source) + 1:]
+        prepended += text.endswith(" " + source)
+        named = [label for label in LABELS for a in accounts
+                 if added == a.format(words=label.replace("_", " "))]
+        assert named, added
+        named_gold += named[0] == gold
+        assert not any(part in added for part in fixed), added
+    assert 0.25 * len(extra) < named_gold < 0.75 * len(extra)
+    assert 0 < prepended < len(extra) / 2
+    assert augment(ROWS, LABELS, 1.0, seed=5, grammar_share=0.5, header_share=0.6,
+                   header_gold_share=0.5) == augment(
+        ROWS, LABELS, 1.0, seed=5, grammar_share=0.5, header_share=0.6, header_gold_share=0.5,
+        account_share=0.0, account_gold_share=0.5)
+
+
 def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
     """A run stopped before ``injection_headers`` existed resumes under the code that has it,
     as long as the run does not use it: the fingerprint is the one computed without the
@@ -218,12 +249,12 @@ def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
     import json
     from dataclasses import asdict
 
-    from training.finetune import _NOT_WEIGHTS, Recipe, run_fingerprint
+    from training.finetune import _HASHED_WHEN_SET, _NOT_WEIGHTS, Recipe, run_fingerprint
 
     ids, labels = [[1, 2, 3], [4, 5]], [0, 1]
     recipe = Recipe(epochs=4)
     before = {k: v for k, v in asdict(recipe).items()
-              if k not in _NOT_WEIGHTS and k not in ("injection_headers", "injection_header_gold")}
+              if k not in _NOT_WEIGHTS and k not in _HASHED_WHEN_SET}
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode())
     digest.update(json.dumps([ids, labels]).encode())
     assert run_fingerprint(recipe, ids, labels) == digest.hexdigest()
@@ -232,3 +263,5 @@ def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
     assert run_fingerprint(Recipe(epochs=4, injection_headers=0.3), ids, labels) != \
         run_fingerprint(Recipe(epochs=4, injection_headers=0.3, injection_header_gold=0.5),
                         ids, labels)
+    assert run_fingerprint(Recipe(epochs=4, injection_accounts=0.3), ids, labels) != \
+        digest.hexdigest()

@@ -174,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
              for name in ("epochs", "lora_lr", "head_lr", "label_smoothing",
                           "validation_fraction", "field_loss_weight", "injection_augment",
                           "injection_grammar", "injection_benign", "injection_headers",
-                          "injection_header_gold",
+                          "injection_header_gold", "injection_accounts",
+                          "injection_account_gold",
                           "init_from", "layers",
                           "distill_from", "distill_weight", "distill_temperature",
                           "weight_average_decay")
@@ -396,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "grammar.headers (default 0)")
     p.add_argument("--injection-header-gold", type=float,
                    help="the share of those headers that name the row's gold label instead "
+                        "(default 0)")
+    p.add_argument("--injection-accounts", type=float,
+                   help="the share of the attacked rows that take a second-hand or earlier "
+                        "account naming the attacker's label, a sentence of its own, from the "
+                        "corpus's grammar.accounts (default 0)")
+    p.add_argument("--injection-account-gold", type=float,
+                   help="the share of those accounts that name the row's gold label instead "
                         "(default 0)")
     p.add_argument("--weight-average-decay", type=float,
                    help="export an exponential moving average of the LoRA and head weights "

@@ -101,6 +101,12 @@ class Recipe:
     #: the share of those headers that name the row's gold label instead of the attacker's
     #: (an opening that names a label then carries no signal either way)
     injection_header_gold: float = 0.0
+    #: the share of the attacked rows (drawn before the headers) that take a second-hand or
+    #: earlier account naming a label, a sentence of its own (the corpus's
+    #: ``grammar.accounts``, ``training.injection.account``)
+    injection_accounts: float = 0.0
+    #: the share of those accounts that name the row's gold label instead of the attacker's
+    injection_account_gold: float = 0.0
     #: start from a trained router instead of zeros: a directory with ``adapter.gguf`` (same
     #: LoRA rank and target modules) and ``head.npz`` (same labels)
     init_from: str | None = None
@@ -332,7 +338,8 @@ _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 #: Recipe fields added after checkpoints of runs without them existed, with the value that
 #: leaves such a run as it was: hashed only when set otherwise, so adding a knob does not
 #: orphan a checkpoint of a run that does not use it.
-_HASHED_WHEN_SET = {"injection_headers": 0.0, "injection_header_gold": 0.0}
+_HASHED_WHEN_SET = {"injection_headers": 0.0, "injection_header_gold": 0.0,
+                    "injection_accounts": 0.0, "injection_account_gold": 0.0}
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
@@ -473,7 +480,9 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
                         grammar_share=recipe.injection_grammar,
                         benign_share=recipe.injection_benign,
                         header_share=recipe.injection_headers,
-                        header_gold_share=recipe.injection_header_gold)
+                        header_gold_share=recipe.injection_header_gold,
+                        account_share=recipe.injection_accounts,
+                        account_gold_share=recipe.injection_account_gold)
         if train_fields is not None:  # an injection does not change what the ticket is about
             train_fields = [*train_fields, *(train_fields[i] for i, _ in extra)]
         train_rows = [*train_rows, *((text, train_rows[i][1]) for i, text in extra)]

@@ -103,6 +103,15 @@ def header(rng: Any, headers: list[str], words: str) -> str:
     return str(rng.choice(headers)).format(words=words)
 
 
+def account(rng: Any, accounts: list[str], words: str) -> tuple[str, str]:
+    """One second-hand or earlier account of the ticket from the corpus's
+    ``grammar.accounts`` naming ``words`` (``"My previous provider treated this as card
+    arrival."``): ``(text, where)``, a sentence of its own, prepended a third of the time and
+    appended otherwise (where customers tell their history)."""
+    text = str(rng.choice(accounts)).format(words=words)
+    return text, "prepend" if rng.random() < 1 / 3 else "append"
+
+
 def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
     """``text`` with harmless words from the corpus's ``benign`` grammar: an opener before it
     (a third of the time), a closer after it (a third) or both (a third)."""
@@ -117,7 +126,8 @@ def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
 def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: int,
             corpus: Path = CORPUS, grammar_share: float = 0.0,
             benign_share: float = 0.0, header_share: float = 0.0,
-            header_gold_share: float = 0.0) -> list[tuple[int, str]]:
+            header_gold_share: float = 0.0, account_share: float = 0.0,
+            account_gold_share: float = 0.0) -> list[tuple[int, str]]:
     """Adversarial augmentation (issue 12): ``round(share * len(rows))`` extra rows, each a
     training row with the attacker text of one of the corpus's ``train`` styles (never an
     ``eval`` style, never a control) naming another label, and the row's **gold** label
@@ -131,8 +141,11 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     from ``grammar.headers`` instead (``header``), prepended; ``header_gold_share`` of those
     headers name the row's **gold** label instead of the attacker's, so that an opening naming
     a label is uninformative to the model rather than always a lie (a genuine ticket's first
-    words often name its topic). With the shares 0 the rows are those of earlier recipes, draw
-    for draw. Deterministic for a
+    words often name its topic). ``account_share`` of the attacked copies (drawn first) take
+    a second-hand or earlier account from ``grammar.accounts`` instead (``account``: "my
+    previous provider treated this as …"), ``account_gold_share`` of them naming the gold
+    label, for the same reason: a customer's history often names the ticket's real topic.
+    With the shares 0 the rows are those of earlier recipes, draw for draw. Deterministic for a
     seed; a style's ``{question}`` comes from another row of the attacker's label. Returns
     ``(index of the source row, augmented text)`` pairs."""
     import random
@@ -144,6 +157,7 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
     grammar = document.get("grammar") if grammar_share > 0 else None
     benign = document.get("benign") if benign_share > 0 else None
     headers = (document.get("grammar") or {}).get("headers") if header_share > 0 else None
+    accounts = (document.get("grammar") or {}).get("accounts") if account_share > 0 else None
     rng = random.Random(seed)
     by_label: dict[str, list[str]] = {}
     for text, label in rows:
@@ -155,6 +169,11 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
             out.append((index, benign_text(rng, benign, text)))
             continue
         attacker = rng.choice([label for label in labels if label != gold])
+        if accounts and rng.random() < account_share:
+            named = gold if account_gold_share > 0 and rng.random() < account_gold_share \
+                else attacker
+            out.append((index, place(text, *account(rng, accounts, named.replace("_", " ")))))
+            continue
         if headers and rng.random() < header_share:
             named = gold if header_gold_share > 0 and rng.random() < header_gold_share \
                 else attacker
