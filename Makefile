@@ -80,6 +80,17 @@ $(HEADERS_ROUTER)/manifest.json:
 	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
 	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5
 
+# A third stage 2 (the eighteenth session, README "Security", "The accounts grammar"): the
+# gold-header run's command plus second-hand and earlier accounts naming a label (30 % of the
+# attacked copies, half naming the gold label); about 55 min on 2 CPU cores, not stored.
+ACCOUNTS_ROUTER := var/train/stage2-accounts-1ep
+$(ACCOUNTS_ROUTER)/manifest.json:
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out $(ACCOUNTS_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
+	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5 \
+	  --injection-accounts 0.3 --injection-account-gold 0.5
+
 soup: install-train $(HEADERS_ROUTER)/manifest.json
 	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(ROUTER)
 	$(BIN)/thinfleet calibrate --manifest $(ROUTER)/manifest.json
