@@ -69,7 +69,7 @@ def robust(model_file: Path) -> Iterator[RoutingEngine]:
 
 # every held-out attack style on 11 tickets through two routers: about 250 s alone on 2 cores
 # with batch nine (59 held-out attack styles), 339 s with batch ten (65) beside a training
-# run: over pytest's 300 s default here
+# run: over pytest's 300 s default here (71 with batch eleven)
 @pytest.mark.timeout(600)
 def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
         model_file: Path, robust: RoutingEngine, rows: list[dict[str, str]]) -> None:
@@ -80,7 +80,7 @@ def test_adversarial_training_keeps_labels_under_unseen_injection_styles(
     finally:
         before.close()
     # measured on 200 tickets (README, "Security"), merged, the model alone: 0.0-10.5 % per
-    # held-out attack style to the attacker's label, 2.1 % over these 65 styles (stage 2, the
+    # held-out attack style to the attacker's label, 2.1 % over these 71 styles (stage 2, the
     # router shipped before the soup: 0.0-19.0 %, 3.5 %); the router before adversarial
     # training: 10-37.5 % on the first seven
     assert hits <= 0.06 * total, (hits, total)
@@ -148,9 +148,9 @@ def test_the_label_name_check_keeps_genuine_names_and_undoes_plain_language_atta
             reported_hits += reported == attacker
             reported_flips += reported != clean
             total += 1
-    # measured on 200 tickets (README, "Security"), the 53 attack styles among these: to the
+    # measured on 200 tickets (README, "Security"), the 59 attack styles among these: to the
     # attacker's label 2.5 % on average for the model alone (0.0-10.5 % per style), 0.63 %
-    # reported (0.0-2.5 %); flips 5.1 % and 2.1 %
+    # reported (0.0-2.5 %); flips 5.6 % and 2.3 %
     assert reported_hits <= 0.02 * total and reported_hits <= model_hits, (
         reported_hits, model_hits, total)
     assert reported_flips <= model_flips, (reported_flips, model_flips, total)
