@@ -112,6 +112,13 @@ def account(rng: Any, accounts: list[str], words: str) -> tuple[str, str]:
     return text, "prepend" if rng.random() < 1 / 3 else "append"
 
 
+def _named(rng: Any, gold: str, attacker: str, gold_share: float) -> str:
+    """The label a header or an account names: the row's ``gold`` label for ``gold_share`` of
+    them, else the ``attacker``'s (no draw when ``gold_share`` is 0, so earlier recipes' rows
+    stay as they were, draw for draw)."""
+    return gold if gold_share > 0 and rng.random() < gold_share else attacker
+
+
 def benign_text(rng: Any, benign: dict[str, list[str]], text: str) -> str:
     """``text`` with harmless words from the corpus's ``benign`` grammar: an opener before it
     (a third of the time), a closer after it (a third) or both (a third)."""
@@ -170,13 +177,11 @@ def augment(rows: list[tuple[str, str]], labels: list[str], share: float, seed: 
             continue
         attacker = rng.choice([label for label in labels if label != gold])
         if accounts and rng.random() < account_share:
-            named = gold if account_gold_share > 0 and rng.random() < account_gold_share \
-                else attacker
+            named = _named(rng, gold, attacker, account_gold_share)
             out.append((index, place(text, *account(rng, accounts, named.replace("_", " ")))))
             continue
         if headers and rng.random() < header_share:
-            named = gold if header_gold_share > 0 and rng.random() < header_gold_share \
-                else attacker
+            named = _named(rng, gold, attacker, header_gold_share)
             out.append((index, place(text, header(rng, headers, named.replace("_", " ")),
                                      "prepend")))
             continue
