@@ -45,14 +45,16 @@ def weights(out: Path) -> dict[str, np.ndarray]:
     return found
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.5], ids=["last-step", "weight-average"])
+@pytest.mark.parametrize(("decay", "rdrop"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5)],
+                         ids=["last-step", "weight-average", "r-drop"])
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, model_file: Path,
-                                                  decay: float) -> None:
-    """With weight averaging too: the moving average is in the checkpoint."""
+                                                  decay: float, rdrop: float) -> None:
+    """With weight averaging too: the moving average is in the checkpoint. With R-Drop too:
+    its dropout masks come from the RNG state the checkpoint carries."""
     taxonomy = load_taxonomy("banking77")
     recipe = Recipe(epochs=1.0, batch_size=4, lora_r=4, lora_alpha=8, max_ticket_tokens=24,
                     checkpoint_every_steps=100, warmup_fraction=0.2,
-                    weight_average_decay=decay)
+                    weight_average_decay=decay, rdrop_weight=rdrop)
     data = rows(24)  # 6 steps
     whole = train(model_file, taxonomy, data, tmp_path / "whole", recipe, progress=False,
                   validation_rows=data[:8])

@@ -178,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "injection_account_gold",
                           "init_from", "layers",
                           "distill_from", "distill_weight", "distill_temperature",
-                          "weight_average_decay")
+                          "weight_average_decay", "lora_alpha", "lora_dropout",
+                          "rdrop_weight")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -408,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-average-decay", type=float,
                    help="export an exponential moving average of the LoRA and head weights "
                         "with this decay per step, e.g. 0.99 (default 0: the last step's)")
+    p.add_argument("--lora-alpha", type=int,
+                   help="LoRA alpha; the update is scaled by alpha / r (default: the recipe's, "
+                        "32)")
+    p.add_argument("--lora-dropout", type=float,
+                   help="dropout on the LoRA inputs (default: the recipe's, 0.05)")
+    p.add_argument("--rdrop-weight", type=float,
+                   help="R-Drop: run each batch twice under dropout and add this weight times "
+                        "the two passes' symmetric KL divergence (default 0: off; about twice "
+                        "the cost of a step)")
     p.add_argument("--init-from", help="start from a trained router directory (adapter.gguf, "
                                        "head.npz) instead of zeros (a router of another depth "
                                        "than --layers: its kept blocks' adapter, a new head)")

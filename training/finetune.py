@@ -126,6 +126,12 @@ class Recipe:
     #: and Juditsky 1992; the family of SWA, Izmailov et al. 2018, arXiv:1803.05407) is what
     #: the run exports. It starts from the run's first weights (``init_from`` or zeros)
     weight_average_decay: float = 0.0
+    #: R-Drop (issue 13; Liang et al. 2021, arXiv:2106.14448): 0 is off; otherwise each batch
+    #: runs twice through the model (two dropout masks, ``lora_dropout``), the label loss is
+    #: the mean of the two passes' and this weight times their symmetric KL divergence
+    #: (``rdrop_loss``) is added. The paper sums the two losses; averaged here, so a weight
+    #: ``w`` is the paper's ``alpha = 2 w``. About twice the cost of a step
+    rdrop_weight: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -332,6 +338,20 @@ def distill_loss(student: Any, teacher: Any, temperature: float) -> Any:
                                       reduction="batchmean") * temperature ** 2
 
 
+def rdrop_loss(first: Any, second: Any) -> Any:
+    """R-Drop's consistency term (Liang et al. 2021, arXiv:2106.14448, eq. 2): the symmetric
+    KL divergence ``(KL(p1 ‖ p2) + KL(p2 ‖ p1)) / 2`` between the label distributions of two
+    passes of the same rows under different dropout masks, averaged over the batch.
+    ``first`` and ``second`` are raw label scores ``[batch, n_labels]``; both receive gradient."""
+    import torch
+
+    log_p = torch.log_softmax(first, dim=1)
+    log_q = torch.log_softmax(second, dim=1)
+    kl = torch.nn.functional.kl_div
+    return 0.5 * (kl(log_q, log_p, log_target=True, reduction="batchmean")
+                  + kl(log_p, log_q, log_target=True, reduction="batchmean"))
+
+
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Recipe fields that do not change the weights (a checkpoint resumes across them).
 _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
@@ -339,7 +359,8 @@ _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 #: leaves such a run as it was: hashed only when set otherwise, so adding a knob does not
 #: orphan a checkpoint of a run that does not use it.
 _HASHED_WHEN_SET = {"injection_headers": 0.0, "injection_header_gold": 0.0,
-                    "injection_accounts": 0.0, "injection_account_gold": 0.0}
+                    "injection_accounts": 0.0, "injection_account_gold": 0.0,
+                    "rdrop_weight": 0.0}
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
@@ -492,6 +513,10 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
                if train_fields is not None and taxonomy.fields else None)
     if recipe.distill_from and answers is not None:
         raise ValueError("distillation trains the label head only: not with extraction fields")
+    if recipe.rdrop_weight > 0 and answers is not None:
+        raise ValueError("R-Drop trains the label head only: not with extraction fields")
+    if recipe.rdrop_weight > 0 and recipe.lora_dropout <= 0:
+        raise ValueError("R-Drop needs dropout: set lora_dropout above 0")
     # An injected copy learns the teacher's distribution for its *clean* source row: what the
     # ticket is about, as if the attacker's text were not there (invariance, not imitation).
     teacher = (teacher_scores(Path(recipe.distill_from), taxonomy, clean_rows)[sources]
@@ -630,19 +655,24 @@ def train_step(model: RouterModel, optimizer: Any, scheduler: Any, params: list[
     """One optimisation step on the rows ``batch`` (cross-entropy with label smoothing, plus,
     with ``answers``, ``recipe.field_loss_weight`` times the mean cross-entropy of the field
     tokens; with ``teacher`` scores ``[n_rows, n_labels]``, the label term is
-    ``(1 - w) · cross-entropy + w · distill_loss`` with ``w = recipe.distill_weight``; grad
+    ``(1 - w) · cross-entropy + w · distill_loss`` with ``w = recipe.distill_weight``; with
+    ``recipe.rdrop_weight``, the batch runs twice (one padded batch of both copies), the terms
+    above are the mean over both passes and ``rdrop_weight · rdrop_loss`` is added; grad
     clipping at 1.0); the loss is kept on ``model.last_loss``."""
     import torch
 
     target = torch.tensor([labels[i] for i in batch], device=device)
     if answers is None:
-        scores = model.logits([ids[i] for i in batch])
-        loss = torch.nn.functional.cross_entropy(scores, target,
+        passes = 2 if recipe.rdrop_weight > 0 else 1
+        scores = model.logits([ids[i] for i in batch] * passes)
+        loss = torch.nn.functional.cross_entropy(scores, target.repeat(passes),
                                                  label_smoothing=recipe.label_smoothing)
         if teacher is not None:
-            soft = torch.from_numpy(teacher[batch]).to(device)
+            soft = torch.from_numpy(teacher[batch]).to(device).repeat(passes, 1)
             loss = ((1 - recipe.distill_weight) * loss + recipe.distill_weight
                     * distill_loss(scores, soft, recipe.distill_temperature))
+        if passes == 2:
+            loss = loss + recipe.rdrop_weight * rdrop_loss(*scores.chunk(2))
     else:
         hidden, _ = model.hidden_states([ids[i] + answers[i][0] for i in batch])
         rows = torch.arange(len(batch), device=device)
