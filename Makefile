@@ -102,7 +102,7 @@ $(RANK32_STAGE1)/manifest.json:
 # Issue 13's objective trial: stage 1 with R-Drop (Liang et al. 2021: each batch twice under
 # dropout, plus their symmetric KL; weight 0.5 here is the paper's alpha = 1) and LoRA dropout
 # 0.1 (the paper's dropout rate; 0.05 by default) so the two passes differ. About twice stage
-# 1's time (about 5.5 s a step, 2 h 35 min on 2 CPU cores), not stored; resumable.
+# 1's time (about 6 s a step, about 2 h 50 min of training measured on 2 CPU cores), not stored; resumable.
 RDROP_STAGE1 := var/train/stage1-rdrop
 $(RDROP_STAGE1)/manifest.json:
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
