@@ -68,7 +68,7 @@ train-robust: install-train
 	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
 	  --weight-average-decay 0.995
 
-# The soup's second ingredient (README, "Security", "A soup"): the same stage 2 with gold-label
+# The soup's second ingredient (docs/experiments/security.md, "The header grammar"): the same stage 2 with gold-label
 # headers (about 60 min on 2 CPU cores; not stored, the soup's manifest pins its adapter's
 # sha256 and recipe). Then the shipped router: the uniform soup of the two (exact mean of their
 # LoRA updates and heads, deterministic, under a second), calibrated on the validation rows and
@@ -80,7 +80,7 @@ $(HEADERS_ROUTER)/manifest.json:
 	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
 	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5
 
-# A third stage 2 (the eighteenth session, README "Security", "The accounts grammar"): the
+# A third stage 2 (the eighteenth session, docs/experiments/security.md, "The accounts grammar"): the
 # gold-header run's command plus second-hand and earlier accounts naming a label (30 % of the
 # attacked copies, half naming the gold label); about 55 min on 2 CPU cores, not stored.
 ACCOUNTS_ROUTER := var/train/stage2-accounts-1ep
@@ -91,7 +91,7 @@ $(ACCOUNTS_ROUTER)/manifest.json:
 	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5 \
 	  --injection-accounts 0.3 --injection-account-gold 0.5
 
-# Issue 13's capacity trial (README, "Fine-tuning"): stage 1 with LoRA rank 32 instead of 16, alpha
+# Issue 13's capacity trial (docs/experiments/fine-tuning.md): stage 1 with LoRA rank 32 instead of 16, alpha
 # kept at 32 as Hu et al. (2021) keep it across ranks; all else the recipe's defaults. About
 # 1 h 20 min on 2 CPU cores (75 min of training measured), not stored.
 RANK32_STAGE1 := var/train/stage1-r32
