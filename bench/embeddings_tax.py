@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     from models import load_taxonomy
     from models.manifest import Manifest
     from thinfleet.demo import SHIPPED_MANIFEST, merged_router
-    from training.calibrate_model import open_head_engine
+    from training.calibrate_model import open_engine
     from worker.prompt import encode_ticket
 
     manifest_path = merged_router() if args.model == "merged" else SHIPPED_MANIFEST
     manifest = Manifest.model_validate_json(manifest_path.read_text())
-    engine = open_head_engine(manifest_path, load_taxonomy(manifest.taxonomy.name),
+    engine = open_engine(manifest_path, load_taxonomy(manifest.taxonomy.name),
                               threads=args.threads)
     head = engine.head
     assert head is not None

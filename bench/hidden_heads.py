@@ -38,16 +38,16 @@ WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
 
 def hidden_states(manifest: Path, rows: list[tuple[str, str]]) -> np.ndarray:
     """The head's input for each row's text, ``[n, n_embd]`` float32, through the worker's
-    engine (``training.calibrate_model.open_head_engine``)."""
+    engine (``training.calibrate_model.open_engine``)."""
     from tqdm import tqdm
 
     from models import load_taxonomy
     from models.manifest import Manifest
-    from training.calibrate_model import open_head_engine
+    from training.calibrate_model import open_engine
     from worker.prompt import encode_ticket
 
     spec = Manifest.model_validate_json(manifest.read_text())
-    engine = open_head_engine(manifest, load_taxonomy(spec.taxonomy.name))
+    engine = open_engine(manifest, load_taxonomy(spec.taxonomy.name))
     rt, out = engine.runtime, np.zeros((len(rows), engine.runtime.n_embd), np.float32)
     try:
         for i, (text, _) in enumerate(tqdm(rows, desc="hidden states", mininterval=10)):

@@ -49,12 +49,12 @@ def measure(manifest: Path, rows: list[tuple[str, str]]) -> dict[str, dict[str, 
     """Route ``rows`` with the model of ``manifest``; each score's AURC and coverage figures."""
     from models import load_taxonomy
     from models.manifest import Manifest
-    from training.calibrate_model import open_head_engine
+    from training.calibrate_model import open_engine
 
     spec = Manifest.model_validate_json(manifest.read_text())
     taxonomy = load_taxonomy(spec.taxonomy.name)
     temperature = spec.calibration.temperature if spec.calibration else 1.0
-    engine = open_head_engine(manifest, taxonomy, threads=2)
+    engine = open_engine(manifest, taxonomy, threads=2)
     try:
         raw = np.stack([engine.route(text).scores for text, _ in rows])  # type: ignore[misc]
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.schemas import utcnow
 
@@ -51,13 +51,14 @@ class Calibration(BaseModel):
     """Temperature scaling of the label head (Guo et al. 2017, arXiv:1706.04599), fitted by NLL
     on rows that did not train the model, then (``method: temperature+beta``) beta calibration
     of the top label's probability (Kull et al. 2017; ``beta = [a, b, c]``, a, b >= 0,
-    ``worker.engine.beta_map``), fitted on the same rows. ``scheme`` says which rows and how the
-    reported figures were kept out of the fit; ``ece_before``/``ece_after`` are on rows not used
-    to fit (15 equal-width bins)."""
+    ``worker.engine.beta_map``), fitted on the same rows. A trie router has no scores to scale:
+    its path probability gets the beta map alone (``method: beta``, ``temperature`` 1).
+    ``scheme`` says which rows and how the reported figures were kept out of the fit;
+    ``ece_before``/``ece_after`` are on rows not used to fit (15 equal-width bins)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["temperature", "temperature+beta"] = "temperature"
+    method: Literal["temperature", "temperature+beta", "beta"] = "temperature"
     temperature: float = Field(gt=0)
     beta: list[float] | None = Field(default=None, min_length=3, max_length=3)
     fitted_on: str
@@ -70,7 +71,11 @@ class Calibration(BaseModel):
 class SelectiveRouting(BaseModel):
     """The auto-route threshold that meets ``precision_target`` on calibration rows: the
     worker sends tickets below it to the taxonomy's fallback route (unless the taxonomy sets
-    ``override_model_threshold``). ``coverage``/``precision``: out-of-fold, on those rows."""
+    ``override_model_threshold``). ``coverage``/``precision``: out-of-fold, on those rows.
+    Without ``delta`` the threshold is a point estimate (its precision on new tickets is about
+    the target, below it about half the time); with ``delta`` it is guaranteed
+    (``training.calibrate.guaranteed_threshold``: precision >= the target with probability
+    >= 1 - delta over the calibration rows)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +83,7 @@ class SelectiveRouting(BaseModel):
     threshold: float = Field(ge=0, le=1)
     coverage: float
     precision: float | None
+    delta: float | None = Field(default=None, gt=0, lt=1)
 
 
 class Manifest(BaseModel):
@@ -105,6 +111,22 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     calibration: Calibration | None = None
     selective: SelectiveRouting | None = None
+
+    @model_validator(mode="after")
+    def _calibration_fits_the_decoder(self) -> Manifest:
+        """A head is calibrated by a temperature (then perhaps a beta map); a trie only by a
+        beta map (``method: beta``, temperature 1): anything else would be served wrongly."""
+        c = self.calibration
+        if c is None:
+            return self
+        if (c.method != "temperature") != (c.beta is not None):
+            raise ValueError(f"calibration method {c.method!r} and its beta map disagree")
+        if self.decoder == "trie" and (c.method != "beta" or c.temperature != 1.0):
+            raise ValueError("a trie router's confidence is calibrated by a beta map alone "
+                             "(method 'beta', temperature 1)")
+        if self.decoder == "head" and c.method == "beta":
+            raise ValueError("a label head's calibration starts with its temperature")
+        return self
 
     def files(self) -> list[FileRef]:
         """Every file the worker must fetch and verify."""

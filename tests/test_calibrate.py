@@ -151,3 +151,136 @@ def test_calibrate_writes_temperature_and_threshold_the_worker_serves(
     route, fallback = taxonomy.route_for(outcome.label, outcome.confidence, spec.threshold)
     assert (route, fallback) == (taxonomy.routes[labels[1]], False)
     assert json.loads(manifest.read_text())["selective"]["precision_target"] == 0.5
+
+
+def test_a_trie_confidence_is_cross_fitted_by_the_beta_map_alone() -> None:
+    """A router that gives only its top label's confidence (the trie): the beta map and the
+    threshold are fitted on 4 folds and measured on the fifth, never on their own rows."""
+    from training.calibrate import cross_fit_confidence
+    from worker.engine import beta_map
+
+    rng = np.random.default_rng(2)
+    confidence = rng.beta(4, 1.5, 2000)  # over-confident: right far less often than it says
+    correct = rng.random(confidence.size) < beta_map(confidence, (1.5, 0.3, -1.0))
+    gold = rng.integers(0, 7, confidence.size)
+    fit = cross_fit_confidence(confidence, correct, gold, 0.5, folds=5)
+    assert fit.temperatures == [] and len(fit.betas) == len(fit.thresholds) == 5
+    before = expected_calibration_error(correct, confidence)
+    assert expected_calibration_error(correct, fit.confidence) < 0.03 < before
+    assert 0 < fit.routed.mean() < 0.5 and correct[fit.routed].mean() > 0.45
+
+
+def test_a_manifest_calibration_must_fit_its_decoder(tmp_path: Path, model_file: Path) -> None:
+    from pydantic import ValidationError
+
+    from tests.test_manifest import make_model_dir
+
+    data = json.loads(make_model_dir(tmp_path, model_file).read_text())
+    calibration = {"method": "beta", "temperature": 1.0, "beta": [1.0, 0.5, 0.0],
+                   "fitted_on": "x", "rows": 10, "scheme": "x", "ece_before": 0.1,
+                   "ece_after": 0.01}
+    with pytest.raises(ValidationError, match="temperature"):  # a head needs its temperature
+        Manifest.model_validate({**data, "calibration": calibration})
+    trie = {**data, "decoder": "trie", "head": None}
+    assert Manifest.model_validate({**trie, "calibration": calibration}).calibration
+    for wrong in ({"method": "temperature", "beta": None, "temperature": 0.7},
+                  {"method": "beta", "temperature": 0.7}, {"method": "beta", "beta": None}):
+        with pytest.raises(ValidationError):
+            Manifest.model_validate({**trie, "calibration": {**calibration, **wrong}})
+
+
+def test_calibrate_a_bare_models_trie_and_the_worker_serves_it(tmp_path: Path,
+                                                               model_file: Path) -> None:
+    """The base model's label trie, on the real model: a manifest for the bare GGUF, its beta
+    map fitted on routed rows, resolved as a worker does; the engine keeps the label and maps
+    the trie's path probability, and the threshold decides the route."""
+    from tests.test_manifest import resolve
+    from training.calibrate_model import base_manifest, calibrate_manifest, trie_confidences
+    from worker.engine import beta_map
+    from worker.settings import WorkerSettings
+    from worker.tasks import build_engine
+
+    taxonomy = load_taxonomy("banking77")
+    manifest = base_manifest(model_file, taxonomy, tmp_path / "base", 64)
+    assert not (tmp_path / "base" / model_file.name).exists()  # the packaged base: by sha256
+    texts = ["Where is my new card?", "I was charged twice for one coffee",
+             "How do I top up by bank transfer?", "My transfer has not arrived yet",
+             "Can I change my PIN at an ATM?", "Why was my card declined abroad?"] * 5
+    labels, path = trie_confidences(manifest, taxonomy, texts)
+    assert len(labels) == 30 and ((path > 0) & (path <= 1)).all()
+    names = taxonomy.label_names
+    # gold: the model's own label for two rows in three, another label for the third
+    rows = [(t, label if i % 3 else names[(names.index(label) + 1) % len(names)])
+            for i, (t, label) in enumerate(zip(texts, labels, strict=True))]
+    summary = calibrate_manifest(manifest, taxonomy, rows, manifest, 0.6, folds=3,
+                                 trie=(labels, path))
+    stored = Manifest.model_validate_json(manifest.read_text())
+    assert stored.decoder == "trie" and stored.calibration and stored.selective
+    assert stored.calibration.method == "beta" and stored.calibration.temperature == 1.0
+    assert summary["accuracy"] == pytest.approx(20 / 30)
+    from thinfleet.devstack import stage_model_dir
+
+    staged = stage_model_dir(manifest, tmp_path / "staged")  # the base linked in, as served
+    spec = resolve(staged, tmp_path / "cache", taxonomy.sha256)
+    assert spec.decoder == "trie" and spec.beta == pytest.approx(tuple(stored.calibration.beta))
+    engine = build_engine(spec, taxonomy, 2, WorkerSettings())
+    try:
+        outcome = engine.route(texts[0])
+    finally:
+        engine.close()
+    assert outcome.label == labels[0] and outcome.path_confidence == pytest.approx(path[0])
+    assert outcome.confidence == pytest.approx(float(beta_map(path[0], spec.beta)))
+    _, fallback = taxonomy.route_for(outcome.label, outcome.confidence, spec.threshold)
+    assert fallback == (outcome.confidence < stored.selective.threshold)
+    with pytest.raises(ValueError, match="beta map"):
+        calibrate_manifest(manifest, taxonomy, rows, manifest, 0.6, beta=False,
+                           trie=(labels, path))
+
+
+def test_a_guaranteed_threshold_keeps_its_precision_on_new_tickets() -> None:
+    """Selection with guaranteed risk (Geifman & El-Yaniv 2017): fitted on 1,000 rows of a
+    calibrated router and measured on 20,000 new ones, the point estimate falls below its
+    precision target about half the time; the guaranteed threshold (delta 0.05) at most
+    delta of the time, for less coverage."""
+    from training.calibrate import guaranteed_threshold, risk_upper_bound
+
+    assert risk_upper_bound(0, 149, 0.05) == pytest.approx(0.0199, abs=1e-4)  # rule of three
+    assert risk_upper_bound(3, 3, 0.05) == risk_upper_bound(0, 0, 0.05) == 1.0
+    rng = np.random.default_rng(3)
+    below = {"estimate": 0, "guaranteed": 0}
+    coverage = {"estimate": 0.0, "guaranteed": 0.0}
+    for _ in range(60):
+        fit_conf, new_conf = rng.beta(8, 1, 1000), rng.beta(8, 1, 20000)
+        fit_ok, new_ok = rng.random(1000) < fit_conf, rng.random(20000) < new_conf
+        for name, threshold in (("estimate", threshold_for_precision(fit_ok, fit_conf, 0.95)),
+                                ("guaranteed", guaranteed_threshold(fit_ok, fit_conf, 0.95,
+                                                                    0.05))):
+            routed = new_conf >= threshold
+            below[name] += new_ok[routed].mean() < 0.95
+            coverage[name] += routed.mean() / 60
+    assert below["estimate"] >= 15 and below["guaranteed"] <= 6  # about 30 of 60; <= 3 expected
+    assert 0.1 < coverage["guaranteed"] < coverage["estimate"]
+    # a router that cannot reach the target routes nothing; the same threshold rule applies
+    assert guaranteed_threshold(np.zeros(50, bool), np.linspace(0.1, 0.9, 50), 0.9, 0.05) > 0.9
+    with pytest.raises(ValueError, match="delta"):
+        threshold_for_precision(fit_ok, fit_conf, 0.95, delta=1.5)
+
+
+def test_calibrate_records_a_guaranteed_threshold(tmp_path: Path, model_file: Path) -> None:
+    from tests.test_manifest import make_model_dir
+    from training.calibrate_model import calibrate_manifest
+
+    taxonomy = load_taxonomy("banking77")
+    manifest = make_model_dir(tmp_path, model_file)
+    rng = np.random.default_rng(4)
+    scores = rng.normal(0, 1, (600, len(taxonomy.labels)))
+    gold = np.where(rng.random(600) < 0.9, scores.argmax(1), rng.integers(0, 77, 600))
+    rows = [(f"ticket {i}", taxonomy.label_names[g]) for i, g in enumerate(gold)]
+    point = calibrate_manifest(manifest, taxonomy, rows, manifest, 0.95, scores=scores,
+                               out=tmp_path / "point.json")
+    sure = calibrate_manifest(manifest, taxonomy, rows, manifest, 0.95, scores=scores,
+                              out=tmp_path / "sure.json", delta=0.05)
+    stored = Manifest.model_validate_json((tmp_path / "sure.json").read_text()).selective
+    assert stored is not None and stored.delta == 0.05 and sure["delta"] == 0.05
+    assert point["delta"] is None and sure["threshold"] > point["threshold"]
+    assert sure["coverage"] < point["coverage"]

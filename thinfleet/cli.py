@@ -9,6 +9,7 @@
     thinfleet route    TEXT --wait                enqueue and wait for the routed result
     thinfleet schema   [--out DIR]                export the JSON Schemas of the contract
     thinfleet calibrate --manifest M --precision P  fit the calibration and threshold into M
+                        (--model GGUF --out DIR: a bare model's trie, into a new manifest)
     thinfleet injection --manifest M              prompt injection per style, with the guard
     thinfleet soup     M1 M2 --out DIR            average routers trained from the same start
     thinfleet demo                                the whole fleet on real Banking77 tickets
@@ -233,14 +234,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from models import load_taxonomy
-    from training.calibrate_model import calibrate_manifest
+    from training.calibrate_model import base_manifest, calibrate_manifest
     from training.recipe import read_labelled
+    from worker.settings import WorkerSettings
 
-    manifest = Path(args.manifest)
+    taxonomy = load_taxonomy(args.taxonomy)
     rows = read_labelled(Path(args.data), args.text_column, args.label_column)
-    summary = calibrate_manifest(manifest, load_taxonomy(args.taxonomy), rows, Path(args.data),
-                                 args.precision, folds=args.folds, out=Path(args.out or manifest),
-                                 beta=not args.no_beta)
+    if args.model:  # a bare GGUF: a trie manifest of its own, in --out
+        if not args.out:
+            print("thinfleet calibrate: --model needs --out, the directory for its new "
+                  "manifest", file=sys.stderr)
+            return 2
+        manifest = base_manifest(Path(args.model), taxonomy, Path(args.out),
+                                 WorkerSettings().max_ticket_tokens)
+        out = manifest
+    else:
+        manifest = Path(args.manifest)
+        out = Path(args.out or manifest)
+    summary = calibrate_manifest(manifest, taxonomy, rows, Path(args.data),
+                                 args.precision, folds=args.folds, out=out,
+                                 beta=not args.no_beta, delta=args.delta)
     _print_json(summary)
     return 0
 
@@ -468,9 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="var/injection")
     p.set_defaults(func=cmd_injection)
 
-    p = sub.add_parser("calibrate", help="fit a head router's temperature and the threshold "
-                       "that meets a precision target; write both into its manifest")
-    p.add_argument("--manifest", required=True)
+    p = sub.add_parser("calibrate", help="fit a router's calibration (a head's temperature "
+                       "and beta map, a trie's beta map) and the threshold that meets a "
+                       "precision target; write both into its manifest")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--manifest")
+    which.add_argument("--model", help="a bare GGUF served with the label trie: writes a new "
+                       "manifest for it in --out")
     p.add_argument("--data", default="data/banking77/validation.csv",
                    help="labelled rows the model was not trained on")
     p.add_argument("--text-column", default="text")
@@ -478,9 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taxonomy", default="banking77")
     p.add_argument("--precision", type=float, default=0.98, help="precision target, e.g. 0.98")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the figures")
+    p.add_argument("--delta", type=float, help="guarantee the precision target with "
+                   "probability 1 - DELTA (e.g. 0.05; selection with guaranteed risk, Geifman "
+                   "& El-Yaniv 2017) instead of meeting it on the calibration rows")
     p.add_argument("--no-beta", action="store_true",
                    help="temperature only (no beta map of the top label's confidence)")
-    p.add_argument("--out", help="where to write the manifest (default: in place)")
+    p.add_argument("--out", help="where to write the manifest (default: in place; with "
+                   "--model, the directory of the new manifest)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("merge", help="fold a router's LoRA adapter into its base model and "

@@ -23,6 +23,10 @@ meets a stated precision.
 * **Cross-fitting**: with one labelled held-out set, every figure reported "on rows not used to
   fit it" comes from K stratified folds: fit ``T`` and the threshold on K-1 folds, measure on
   the remaining one, pool the K measured folds.
+* **A router without scores** (the label trie, whose confidence is the probability of the one
+  path it walked): no temperature can be fitted, since that needs every label's score; the beta
+  map needs only the confidence and whether the label was right, so it is fitted alone
+  (``cross_fit_confidence``), with the same threshold rule and cross-fitting.
 
 Pure NumPy/SciPy; no model here. Shapes: ``scores`` ``[n, k]`` float, ``gold`` ``[n]`` int.
 """
@@ -164,17 +168,80 @@ def risk_coverage(correct: npt.NDArray[np.bool_], confidence: Floats) -> RiskCov
 
 
 def threshold_for_precision(correct: npt.NDArray[np.bool_], confidence: Floats,
-                            target: float) -> float:
+                            target: float, delta: float | None = None) -> float:
     """The lowest confidence threshold whose auto-routed tickets have precision >= ``target``
     (so the most coverage for it). Returns a value above every confidence (route nothing
-    automatically) when no threshold reaches the target."""
+    automatically) when no threshold reaches the target.
+
+    With ``delta``, the precision is guaranteed rather than estimated
+    (``guaranteed_threshold``): with probability >= 1 - ``delta`` over the calibration rows,
+    the chosen threshold's precision on new tickets from the same distribution is >= ``target``.
+    """
+    if delta is not None:
+        return guaranteed_threshold(correct, confidence, target, delta)
     curve = risk_coverage(correct, confidence)
     meets = np.nonzero(1.0 - curve.risk >= target)[0]
     if not meets.size:
-        return float(np.nextafter(confidence.max(), np.inf))
+        return _above_all(confidence)
     # THRESHOLD_SLACK below the tie group's confidence: the worker computes confidences in
     # float32, and a ticket scored exactly like a calibration row must land on the same side.
     return float(curve.thresholds[meets[np.argmax(curve.coverage[meets])]]) - THRESHOLD_SLACK
+
+
+def _above_all(confidence: Floats) -> float:
+    """A threshold above every confidence: nothing is auto-routed."""
+    return float(np.nextafter(np.max(confidence), np.inf)) if len(confidence) else 1.0
+
+
+def risk_upper_bound(errors: int, covered: int, delta: float) -> float:
+    """The exact one-sided (Clopper-Pearson) upper confidence bound, at level 1 - ``delta``, of
+    an error rate observed as ``errors`` of ``covered`` independent tickets: the ``b`` with
+    ``P(Binomial(covered, b) <= errors) = delta`` (Geifman & El-Yaniv 2017's ``B*``). 1.0 when
+    nothing is covered."""
+    from scipy.stats import beta
+
+    if covered <= 0:
+        return 1.0
+    if errors >= covered:
+        return 1.0
+    return float(beta.ppf(1.0 - delta, errors + 1, covered - errors))
+
+
+def guaranteed_threshold(correct: npt.NDArray[np.bool_], confidence: Floats, target: float,
+                         delta: float) -> float:
+    """Selection with guaranteed risk (SGR; Geifman & El-Yaniv 2017, "Selective Classification
+    for Deep Neural Networks", arXiv:1705.08500, Algorithm 1): a binary search over the
+    calibration rows' confidences, at most ``k = ceil(log2(n + 1))`` tests. Each tested
+    threshold's auto-routed rows get the exact upper bound of their error rate at level
+    ``delta / k`` (``risk_upper_bound``; a union bound over the ``k`` tests), and the search
+    moves to more coverage where that bound is within ``1 - target``, to less where it is not.
+
+    Returns the lowest tested threshold whose bound met it (minus ``THRESHOLD_SLACK``), or one
+    above every confidence when none did. With probability >= 1 - ``delta`` over the
+    calibration rows (drawn independently from the tickets to come), the auto-routed tickets'
+    precision is then >= ``target``. Raises ``ValueError`` for ``delta`` or ``target`` outside
+    (0, 1)."""
+    if not (0 < delta < 1 and 0 < target < 1):
+        raise ValueError(f"delta and target must be in (0, 1), got {delta}, {target}")
+    n = len(confidence)
+    if n == 0:
+        return 1.0
+    ranked = np.argsort(np.asarray(confidence, dtype=np.float64), kind="stable")
+    order = np.asarray(confidence, dtype=np.float64)[ranked]  # ascending
+    wrong = ~np.asarray(correct, dtype=bool)[ranked]
+    steps = int(np.ceil(np.log2(n + 1)))  # the most thresholds the search can test
+    low, high, best = 0, n - 1, None  # the threshold order[z] auto-routes the rows >= it
+    while low <= high:
+        z = (low + high) // 2
+        covered = order >= order[z]
+        if risk_upper_bound(int(wrong[covered].sum()), int(covered.sum()),
+                            delta / steps) <= 1.0 - target:
+            best, high = float(order[z]), z - 1  # met: try more coverage
+        else:
+            low = z + 1  # not met: less coverage
+    if best is None:
+        return _above_all(order)
+    return best - THRESHOLD_SLACK
 
 
 def stratified_folds(gold: npt.NDArray[np.int64], folds: int, seed: int) -> npt.NDArray[np.int64]:
@@ -204,24 +271,59 @@ class CrossFit:
 
 
 def cross_fit(scores: Floats, gold: npt.NDArray[np.int64], target: float, folds: int = 5,
-              seed: int = 13, beta: bool = True) -> CrossFit:
-    """Fit ``T`` (then, with ``beta``, the beta map) and the ``target`` threshold on K-1 folds,
-    apply them to the held-out fold."""
+              seed: int = 13, beta: bool = True, delta: float | None = None) -> CrossFit:
+    """Fit ``T`` (then, with ``beta``, the beta map) and the ``target`` threshold (guaranteed
+    at ``delta`` when given: ``threshold_for_precision``) on K-1 folds, apply them to the
+    held-out fold. ``scores``: a label head's raw scores ``[n, k]``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    correct = scores.argmax(axis=1) == gold
+    temperatures: list[float] = []
+
+    def fit(rows: npt.NDArray[np.bool_]) -> tuple[Any, tuple[float, float, float] | None]:
+        t = fit_temperature(scores[rows], gold[rows])
+        temperatures.append(t)
+        b = fit_beta(softmax(scores[rows], t).max(axis=1), correct[rows]) if beta else None
+        return (lambda held: calibrated_confidence(scores[held], t, b)), b
+
+    return _cross_fit(fit, correct, gold, target, folds, seed, temperatures, delta)
+
+
+def cross_fit_confidence(confidence: Floats, correct: npt.NDArray[np.bool_],
+                         gold: npt.NDArray[np.int64], target: float, folds: int = 5,
+                         seed: int = 13, delta: float | None = None) -> CrossFit:
+    """The same cross-fitting for a router that gives only its top label's ``confidence``
+    ``[n]`` (the label trie: its path probability, ``worker.trie``): the beta map alone (no
+    temperature: that needs every label's score) and the threshold fitted on K-1 folds,
+    applied to the held-out one. ``gold`` ``[n]`` only stratifies the folds. Raises
+    ``ValueError`` when a fold's fitting rows are all right or all wrong (``fit_beta``)."""
+    from worker.engine import beta_map
+
+    confidence = np.asarray(confidence, dtype=np.float64)
+
+    def fit(rows: npt.NDArray[np.bool_]) -> tuple[Any, tuple[float, float, float] | None]:
+        b = fit_beta(confidence[rows], correct[rows])
+        return (lambda held: beta_map(confidence[held], b)), b
+
+    return _cross_fit(fit, correct, gold, target, folds, seed, [], delta)
+
+
+def _cross_fit(fit: Any, correct: npt.NDArray[np.bool_], gold: npt.NDArray[np.int64],
+               target: float, folds: int, seed: int, temperatures: list[float],
+               delta: float | None = None) -> CrossFit:
+    """The fold loop of ``cross_fit`` and ``cross_fit_confidence``: ``fit(rows)`` returns the
+    calibrated confidence of a row mask under a calibration fitted on ``rows``, and its beta
+    map (or None)."""
     fold = stratified_folds(gold, folds, seed)
-    predicted = np.asarray(scores).argmax(axis=1)
-    correct = predicted == gold
     confidence = np.zeros(len(gold))
     routed = np.zeros(len(gold), dtype=bool)
-    temperatures, thresholds, betas = [], [], []
+    thresholds, betas = [], []
     for k in range(folds):
-        fit, held = fold != k, fold == k
-        t = fit_temperature(scores[fit], gold[fit])
-        b = fit_beta(softmax(scores[fit], t).max(axis=1), correct[fit]) if beta else None
-        fit_conf = calibrated_confidence(scores[fit], t, b)
-        threshold = threshold_for_precision(correct[fit], fit_conf, target)
-        confidence[held] = calibrated_confidence(scores[held], t, b)
+        fitting, held = fold != k, fold == k
+        calibrate, b = fit(fitting)
+        threshold = threshold_for_precision(correct[fitting], calibrate(fitting), target,
+                                            delta)
+        confidence[held] = calibrate(held)
         routed[held] = confidence[held] >= threshold
-        temperatures.append(t)
         thresholds.append(threshold)
         if b is not None:
             betas.append(b)

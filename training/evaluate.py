@@ -21,10 +21,11 @@ share of predicted ``Unknown``, and, for extractive fields, the share of values 
 ticket's text; beside a trivial baseline per field (``Unknown`` for extractive fields, the
 ticket's first 8 words for generative ones).
 
-For a model with a label head, the report also holds its uncalibrated figures (temperature 1)
-and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature, beta map and
-threshold fitted on 4/5 of the rows, measured on the fifth), which are the honest ones when the
-manifest's calibration was fitted on these same rows. Two plots are written beside the report: a
+The report also holds the model's uncalibrated figures (a head at temperature 1, a trie's own
+path probability) and **out-of-fold** figures (``training.calibrate.cross_fit``: temperature,
+beta map and threshold fitted on 4/5 of the rows, measured on the fifth; for a trie the beta
+map alone, ``cross_fit_confidence``), which are the honest ones when the manifest's
+calibration was fitted on these same rows. Two plots are written beside the report: a
 reliability diagram and the risk–coverage curves (``reliability.png``, ``risk_coverage.png``).
 """
 
@@ -44,6 +45,7 @@ from models.taxonomy import Taxonomy
 from training.calibrate import (
     ECE_BINS,
     cross_fit,
+    cross_fit_confidence,
     expected_calibration_error,
     risk_coverage,
     softmax,
@@ -61,6 +63,8 @@ class Predictions:
     confidences: list[float]
     latencies_ms: list[float]
     scores: list[np.ndarray] = field(default_factory=list)
+    #: the label trie's uncalibrated confidence per row when the model has no head (else empty)
+    path_confidences: list[float] = field(default_factory=list)
     #: extracted fields per row (name -> value), when the taxonomy has fields
     fields: list[dict[str, str]] = field(default_factory=list)
     #: per row, the generative fields whose value was rejected for repeating the prompt
@@ -135,6 +139,8 @@ def predict_engine(engine: Any, texts: list[str], progress: bool = True) -> Pred
         out.rejected.append(list(outcome.rejected_fields))
         if outcome.scores is not None:
             out.scores.append(np.asarray(outcome.scores, dtype=np.float64))
+        if outcome.path_confidence is not None:
+            out.path_confidences.append(float(outcome.path_confidence))
     return out
 
 
@@ -212,20 +218,31 @@ def field_scores(texts: list[str], gold: list[dict[str, str]], predicted: list[d
 def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Taxonomy,
                         precision_target: float, folds: int = 5, seed: int = 13
                         ) -> dict[str, Any]:
-    """Uncalibrated (T = 1) and out-of-fold calibrated figures of a head model's raw scores:
-    ECE, AURC, coverage at 95/98/99 % precision, and the coverage and precision of a threshold
-    fitted for ``precision_target`` on the other folds."""
-    scores = np.stack(predictions.scores)
+    """Uncalibrated and out-of-fold calibrated figures: ECE, AURC, coverage at 95/98/99 %
+    precision, and the coverage and precision of a threshold fitted for ``precision_target``
+    on the other folds. A head model's raw scores are calibrated as ``thinfleet calibrate``
+    does (temperature, then beta map; uncalibrated means T = 1); a trie model's path
+    confidence by the beta map alone (``cross_fit_confidence``). Raises ``ValueError`` when
+    ``predictions`` carry neither."""
     index = {label: i for i, label in enumerate(taxonomy.label_names)}
     gold_idx = np.array([index[g] for g in gold])
-    correct = scores.argmax(axis=1) == gold_idx
-    raw = softmax(scores, 1.0).max(axis=1)
-    fit = cross_fit(scores, gold_idx, precision_target, folds, seed)
+    if predictions.scores:
+        scores = np.stack(predictions.scores)
+        correct = scores.argmax(axis=1) == gold_idx
+        raw = softmax(scores, 1.0).max(axis=1)
+        fit = cross_fit(scores, gold_idx, precision_target, folds, seed)
+    elif predictions.path_confidences:
+        correct = np.array([g == p for g, p in zip(gold, predictions.labels, strict=True)])
+        raw = np.array(predictions.path_confidences, dtype=np.float64)
+        fit = cross_fit_confidence(raw, correct, gold_idx, precision_target, folds, seed)
+    else:
+        raise ValueError("no raw scores or path confidences to calibrate")
     routed = fit.routed
     return {
         "uncalibrated": {"ece": expected_calibration_error(correct, raw),
                          **risk_coverage(correct, raw).as_dict()},
         "out_of_fold": {
+            "method": "temperature+beta" if predictions.scores else "beta",
             "folds": folds, "temperatures": fit.temperatures, "thresholds": fit.thresholds,
             "betas": fit.betas,
             "ece": expected_calibration_error(correct, fit.confidence),
@@ -355,13 +372,19 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {figures['kind']} | gold `Unknown` / {extra} | "
                          f"{extracted['gold_unknown_rate']:.1%} | |")
     calibration = report.get("calibration")
+    if report.get("calibration_skipped"):
+        lines += ["", "## Calibration", "", "Not measured on these rows: "
+                  f"{report['calibration_skipped']}."]
     if calibration:
         raw, oof = calibration["uncalibrated"], calibration["out_of_fold"]
-        lines += ["", "## Calibration (label head)", "",
-                  f"Out-of-fold: temperature, beta map and a {oof['precision_target']:.0%}"
-                  f"-precision threshold fitted on {oof['folds'] - 1}/{oof['folds']} of these rows, "
+        head = oof.get("method", "temperature+beta") != "beta"
+        lines += ["", f"## Calibration ({'label head' if head else 'label trie'})", "",
+                  f"Out-of-fold: {'temperature, beta map' if head else 'beta map'} and a "
+                  f"{oof['precision_target']:.0%}-precision threshold fitted on "
+                  f"{oof['folds'] - 1}/{oof['folds']} of these rows, "
                   "measured on the rest (cross-fitting).", "",
-                  "| | uncalibrated (T = 1) | calibrated (temperature + beta), out-of-fold |",
+                  f"| | uncalibrated ({'T = 1' if head else 'path probability'}) | calibrated "
+                  f"({'temperature + beta' if head else 'beta'}), out-of-fold |",
                   "| --- | --- | --- |",
                   f"| ECE | {raw['ece']:.3f} | {oof['ece']:.3f} |",
                   f"| AURC | {raw['aurc']:.4f} | {oof['aurc']:.4f} |"]
@@ -372,8 +395,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         precision = "-" if oof["precision"] is None else f"{oof['precision']:.1%}"
         lines += ["", f"A threshold fitted for {oof['precision_target']:.0%} precision on the "
                   f"other folds auto-routed {oof['coverage']:.1%} of held-out tickets at "
-                  f"{precision} precision (temperatures "
-                  f"{', '.join(f'{t:.3f}' for t in oof['temperatures'])})."]
+                  f"{precision} precision" + (
+                      f" (temperatures {', '.join(f'{t:.3f}' for t in oof['temperatures'])})."
+                      if oof["temperatures"] else ".")]
     for name in report.get("plots", []):
         lines += ["", f"![{name}]({name})"]
     lines += ["", "## Worst labels (model)", "", "| label | F1 | precision | recall | support |",
@@ -428,8 +452,13 @@ def evaluate(engine: Any, model_name: str, taxonomy: Taxonomy,
         report["fields"] = field_scores(texts, gold_fields, predictions.fields, taxonomy,
                                         predictions.rejected)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if predictions.scores:
-        calibration = calibration_figures(gold, predictions, taxonomy, precision_target)
+    calibration = None
+    if predictions.scores or predictions.path_confidences:
+        try:
+            calibration = calibration_figures(gold, predictions, taxonomy, precision_target)
+        except ValueError as exc:  # e.g. a fold's rows all wrong: no beta map to fit
+            report["calibration_skipped"] = str(exc)
+    if calibration is not None:
         raw_curves = calibration.pop("_curves")
         report["calibration"] = calibration
         curves["router, uncalibrated"] = (raw_curves["correct"], raw_curves["raw"])

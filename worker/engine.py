@@ -140,6 +140,8 @@ class RouteOutcome:
     truncated: bool = False
     #: the label head's raw scores ``[n_labels]`` (for calibration; not published), or None
     scores: np.ndarray | None = None
+    #: the label trie's own confidence before any calibration (for calibration), or None
+    path_confidence: float | None = None
     #: generative fields whose value repeated the prompt: replaced by ``Unknown``
     rejected_fields: list[str] = field(default_factory=list)
 
@@ -148,15 +150,23 @@ class RoutingEngine:
     """Routes tickets with one llama.cpp context.
 
     ``max_ticket_tokens`` bounds the ticket part (head kept), which also bounds ``n_ctx``.
-    ``n_threads`` should come from ``worker.cpus.plan_threads``. Raises ``ModelUnavailable``
-    if the model does not load. Not thread-safe: one engine per process.
+    ``n_threads`` should come from ``worker.cpus.plan_threads``. ``trie_beta`` is the
+    manifest's beta map of the trie's confidence (``beta_map``; only without a head, whose own
+    calibration is in ``LabelHead``). Raises ``ModelUnavailable`` if the model does not load or
+    ``trie_beta`` is given with a head or out of its domain. Not thread-safe: one engine per
+    process.
     """
 
     def __init__(self, model_path: Path, taxonomy: Taxonomy, *, n_threads: int,
                  max_ticket_tokens: int = 256, n_batch: int = 256, n_ubatch: int = 128,
                  adapter_path: Path | None = None, head: LabelHead | None = None,
                  prompt_style: PromptStyle = "catalog", repack: bool = True,
-                 model: object = None):
+                 model: object = None, trie_beta: tuple[float, float, float] | None = None):
+        if trie_beta is not None and (head is not None or len(trie_beta) != 3
+                                      or trie_beta[0] < 0 or trie_beta[1] < 0):
+            raise ModelUnavailable(f"a trie's beta calibration needs no head and (a >= 0, "
+                                   f"b >= 0, c), got {trie_beta} with a head: {head is not None}")
+        self.trie_beta = trie_beta
         self.taxonomy = taxonomy
         self.max_ticket_tokens = max_ticket_tokens
         self.head = head
@@ -229,7 +239,7 @@ class RoutingEngine:
         pos, evaluations = base, 1
         try:
             t0 = time.perf_counter()
-            raw_scores = None
+            raw_scores, path_confidence = None, None
             if self.head is not None:  # the label needs only the last token's hidden state
                 hidden = rt.decode_hidden(ticket_ids, pos)
             else:
@@ -250,7 +260,9 @@ class RoutingEngine:
                 pending, tokens_out = [*self.trie.sequences[label]], 0
             else:
                 decision = self.trie.decode(logits, evaluate)
-                label, confidence = decision.label, decision.confidence
+                label, path_confidence = decision.label, decision.confidence
+                confidence = (path_confidence if self.trie_beta is None
+                              else float(beta_map(path_confidence, self.trie_beta)))
                 pending, tokens_out = decision.unevaluated, len(decision.tokens)
             fields: dict[str, str] = {}
             rejected: list[str] = []
@@ -281,7 +293,7 @@ class RoutingEngine:
             label=label, confidence=confidence, fields=fields,
             tokens_in=len(ticket_ids), tokens_out=tokens_out, evaluations=evaluations,
             prompt_eval_ms=(t1 - t0) * 1000, decode_ms=(t2 - t1) * 1000, truncated=truncated,
-            scores=raw_scores, rejected_fields=rejected)
+            scores=raw_scores, path_confidence=path_confidence, rejected_fields=rejected)
 
     def _ticket_body(self, ticket_ids: list[int]) -> list[int]:
         """The ticket's own tokens: ``ticket_ids`` without the ``Ticket:`` lead and the label

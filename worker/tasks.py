@@ -158,7 +158,8 @@ def build_engine(spec: ModelSpec, taxonomy: Taxonomy, threads: int,
                          n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                          adapter_path=spec.adapter, head=head,
                          prompt_style=spec.prompt_style,  # type: ignore[arg-type]
-                         repack=settings.cpu_repack and preloaded is None, model=preloaded)
+                         repack=settings.cpu_repack and preloaded is None, model=preloaded,
+                         trie_beta=spec.beta if head is None else None)
 
 
 def close_child() -> None:
