@@ -284,3 +284,20 @@ def test_calibrate_records_a_guaranteed_threshold(tmp_path: Path, model_file: Pa
     assert stored is not None and stored.delta == 0.05 and sure["delta"] == 0.05
     assert point["delta"] is None and sure["threshold"] > point["threshold"]
     assert sure["coverage"] < point["coverage"]
+
+
+def test_eval_reports_the_coverage_a_guarantee_leaves() -> None:
+    from training.evaluate import GUARANTEE_DELTA, Predictions, calibration_figures
+
+    taxonomy = load_taxonomy("banking77")
+    scores, gold = synthetic(n=1000, k=len(taxonomy.labels), true_t=0.3, seed=5)
+    names = taxonomy.label_names
+    predictions = Predictions([names[i] for i in scores.argmax(1)], [0.0] * 1000, [],
+                              scores=list(scores))
+    figures = calibration_figures([names[g] for g in gold], predictions, taxonomy, 0.95)
+    oof = figures["out_of_fold"]
+    sure = oof["guaranteed"]
+    assert sure["delta"] == GUARANTEE_DELTA and set(sure["by_target"]) == {"0.95", "0.98", "0.99"}
+    # the guarantee costs coverage: never more than the estimated threshold's at 95 %
+    assert 0 <= sure["by_target"]["0.95"]["coverage"] <= oof["coverage"]
+    assert sure["by_target"]["0.99"]["coverage"] <= sure["by_target"]["0.95"]["coverage"]

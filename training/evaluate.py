@@ -44,12 +44,17 @@ import numpy as np
 from models.taxonomy import Taxonomy
 from training.calibrate import (
     ECE_BINS,
+    PRECISION_TARGETS,
+    CrossFit,
     cross_fit,
     cross_fit_confidence,
     expected_calibration_error,
     risk_coverage,
     softmax,
 )
+
+#: the risk level of the guaranteed thresholds the report shows (``thinfleet calibrate --delta``)
+GUARANTEE_DELTA = 0.05
 
 __all__ = ["ECE_BINS", "Predictions", "evaluate", "expected_calibration_error", "score"]
 
@@ -220,7 +225,9 @@ def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Tax
                         ) -> dict[str, Any]:
     """Uncalibrated and out-of-fold calibrated figures: ECE, AURC, coverage at 95/98/99 %
     precision, and the coverage and precision of a threshold fitted for ``precision_target``
-    on the other folds. A head model's raw scores are calibrated as ``thinfleet calibrate``
+    on the other folds, and the out-of-fold coverage of thresholds that *guarantee* 95/98/99 %
+    precision at risk ``GUARANTEE_DELTA`` (``training.calibrate.guaranteed_threshold``). A
+    head model's raw scores are calibrated as ``thinfleet calibrate``
     does (temperature, then beta map; uncalibrated means T = 1); a trie model's path
     confidence by the beta map alone (``cross_fit_confidence``). Raises ``ValueError`` when
     ``predictions`` carry neither."""
@@ -230,14 +237,25 @@ def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Tax
         scores = np.stack(predictions.scores)
         correct = scores.argmax(axis=1) == gold_idx
         raw = softmax(scores, 1.0).max(axis=1)
-        fit = cross_fit(scores, gold_idx, precision_target, folds, seed)
+
+        def fitted(target: float, delta: float | None = None) -> CrossFit:
+            return cross_fit(scores, gold_idx, target, folds, seed, delta=delta)
     elif predictions.path_confidences:
         correct = np.array([g == p for g, p in zip(gold, predictions.labels, strict=True)])
         raw = np.array(predictions.path_confidences, dtype=np.float64)
-        fit = cross_fit_confidence(raw, correct, gold_idx, precision_target, folds, seed)
+
+        def fitted(target: float, delta: float | None = None) -> CrossFit:
+            return cross_fit_confidence(raw, correct, gold_idx, target, folds, seed, delta)
     else:
         raise ValueError("no raw scores or path confidences to calibrate")
+    fit = fitted(precision_target)
     routed = fit.routed
+    guaranteed = {}
+    for target in PRECISION_TARGETS:
+        sure = fitted(target, GUARANTEE_DELTA).routed
+        guaranteed[f"{target:.2f}"] = {
+            "coverage": float(sure.mean()),
+            "precision": float(correct[sure].mean()) if sure.any() else None}
     return {
         "uncalibrated": {"ece": expected_calibration_error(correct, raw),
                          **risk_coverage(correct, raw).as_dict()},
@@ -248,7 +266,8 @@ def calibration_figures(gold: list[str], predictions: Predictions, taxonomy: Tax
             "ece": expected_calibration_error(correct, fit.confidence),
             **risk_coverage(correct, fit.confidence).as_dict(),
             "precision_target": precision_target, "coverage": float(routed.mean()),
-            "precision": float(correct[routed].mean()) if routed.any() else None},
+            "precision": float(correct[routed].mean()) if routed.any() else None,
+            "guaranteed": {"delta": GUARANTEE_DELTA, "by_target": guaranteed}},
         "_curves": {"correct": correct, "raw": raw, "calibrated": fit.confidence},
     }
 
@@ -392,6 +411,10 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"| coverage at {float(target):.0%} precision | "
                          f"{raw['coverage_at_precision'][target]:.1%} | "
                          f"{oof['coverage_at_precision'][target]:.1%} |")
+        sure = oof.get("guaranteed")
+        for target, figures in (sure or {}).get("by_target", {}).items():
+            lines.append(f"| coverage of a threshold guaranteeing {float(target):.0%} precision "
+                         f"(risk {sure['delta']:g}) | – | {figures['coverage']:.1%} |")
         precision = "-" if oof["precision"] is None else f"{oof['precision']:.1%}"
         lines += ["", f"A threshold fitted for {oof['precision_target']:.0%} precision on the "
                   f"other folds auto-routed {oof['coverage']:.1%} of held-out tickets at "
