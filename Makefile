@@ -108,6 +108,16 @@ $(RDROP_STAGE1)/manifest.json:
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(RDROP_STAGE1) --rdrop-weight 0.5 --lora-dropout 0.1
 
+# The twenty-second session's trial (docs/experiments/security.md, "R-Drop at stage 2 alone"):
+# R-Drop added at stage 2 only, from the shipped stage 1, half an epoch (the doubled passes cost
+# about one stage-2 epoch: 44 min on 2 CPU cores). Less robust than the robust stage 2; not stored.
+RDROP_ONLY_ROUTER := var/train/stage2-rdrop-only-0.5ep
+$(RDROP_ONLY_ROUTER)/manifest.json:
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out $(RDROP_ONLY_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 0.5 \
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
+	  --weight-average-decay 0.995 --rdrop-weight 0.5 --lora-dropout 0.1
+
 soup: install-train $(HEADERS_ROUTER)/manifest.json
 	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(ROUTER)
 	$(BIN)/thinfleet calibrate --manifest $(ROUTER)/manifest.json
