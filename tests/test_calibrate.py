@@ -301,3 +301,15 @@ def test_eval_reports_the_coverage_a_guarantee_leaves() -> None:
     # the guarantee costs coverage: never more than the estimated threshold's at 95 %
     assert 0 <= sure["by_target"]["0.95"]["coverage"] <= oof["coverage"]
     assert sure["by_target"]["0.99"]["coverage"] <= sure["by_target"]["0.95"]["coverage"]
+
+
+def test_calibrate_refuses_a_missing_model_or_out_clearly(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from thinfleet.cli import main
+
+    assert main(["calibrate", "--model", str(tmp_path / "none.gguf"),
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "no model file" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tmp_path / "none.gguf")]) == 2
+    assert "--model needs --out" in capsys.readouterr().err

@@ -245,8 +245,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print("thinfleet calibrate: --model needs --out, the directory for its new "
                   "manifest", file=sys.stderr)
             return 2
-        manifest = base_manifest(Path(args.model), taxonomy, Path(args.out),
-                                 WorkerSettings().max_ticket_tokens)
+        try:
+            manifest = base_manifest(Path(args.model), taxonomy, Path(args.out),
+                                     WorkerSettings().max_ticket_tokens)
+        except FileNotFoundError as exc:
+            print(f"thinfleet calibrate: {exc}", file=sys.stderr)
+            return 2
         out = manifest
     else:
         manifest = Path(args.manifest)
