@@ -31,9 +31,7 @@ from models import load_taxonomy
 from training.calibrate import (
     calibrated_confidence,
     cross_fit,
-    fit_beta,
-    fit_temperature,
-    softmax,
+    fit_head_calibration,
     threshold_for_precision,
 )
 from training.recipe import read_labelled
@@ -42,12 +40,12 @@ VALIDATION = Path("data/banking77/validation.csv")
 
 
 def fit_threshold(scores: np.ndarray, gold: np.ndarray, target: float,
-                  delta: float | None) -> tuple[float, float, tuple[float, float, float]]:
+                  delta: float | None
+                  ) -> tuple[float, float, tuple[float, float, float] | None]:
     """Temperature, beta map and the ``target`` threshold on ``scores`` ``[n, k]``, as
     ``thinfleet calibrate`` fits them; returns ``(threshold, T, beta)``."""
     correct = scores.argmax(axis=1) == gold
-    t = fit_temperature(scores, gold)
-    b = fit_beta(softmax(scores, t).max(axis=1), correct)
+    t, b = fit_head_calibration(scores, gold)
     return threshold_for_precision(correct, calibrated_confidence(scores, t, b), target,
                                    delta), t, b
 

@@ -114,6 +114,18 @@ def fit_beta(confidence: Floats, correct: npt.NDArray[np.bool_]) -> tuple[float,
             float(fit.intercept_[0]))
 
 
+def fit_head_calibration(scores: Floats, gold: npt.NDArray[np.int64], beta: bool = True
+                         ) -> tuple[float, tuple[float, float, float] | None]:
+    """A label head's calibration on raw ``scores`` ``[n, k]``: the temperature by NLL, then
+    (with ``beta``) the beta map of the top temperature-scaled probability. Returns
+    ``(T, beta map or None)``; raises ``ValueError`` as ``fit_beta`` does."""
+    t = fit_temperature(scores, gold)
+    if not beta:
+        return t, None
+    correct = np.asarray(scores).argmax(axis=1) == gold
+    return t, fit_beta(softmax(scores, t).max(axis=1), correct)
+
+
 def calibrated_confidence(scores: Floats, temperature: float,
                           beta: tuple[float, float, float] | None) -> Floats:
     """The worker's confidence for raw head ``scores`` ``[n, k]``: the top temperature-scaled
@@ -280,9 +292,8 @@ def cross_fit(scores: Floats, gold: npt.NDArray[np.int64], target: float, folds:
     temperatures: list[float] = []
 
     def fit(rows: npt.NDArray[np.bool_]) -> tuple[Any, tuple[float, float, float] | None]:
-        t = fit_temperature(scores[rows], gold[rows])
+        t, b = fit_head_calibration(scores[rows], gold[rows], beta)
         temperatures.append(t)
-        b = fit_beta(softmax(scores[rows], t).max(axis=1), correct[rows]) if beta else None
         return (lambda held: calibrated_confidence(scores[held], t, b)), b
 
     return _cross_fit(fit, correct, gold, target, folds, seed, temperatures, delta)

@@ -35,7 +35,7 @@ from training.calibrate import (
     cross_fit_confidence,
     expected_calibration_error,
     fit_beta,
-    fit_temperature,
+    fit_head_calibration,
     softmax,
     threshold_for_precision,
 )
@@ -134,8 +134,7 @@ def calibrate_manifest(manifest_path: Path, taxonomy: Taxonomy, rows: list[tuple
             scores = head_scores(manifest_path, taxonomy, texts)
         correct = scores.argmax(axis=1) == gold
         raw = softmax(scores, 1.0).max(axis=1)
-        temperature = fit_temperature(scores, gold)
-        beta_map = fit_beta(softmax(scores, temperature).max(axis=1), correct) if beta else None
+        temperature, beta_map = fit_head_calibration(scores, gold, beta)
         calibrated = calibrated_confidence(scores, temperature, beta_map)
         fit = cross_fit(scores, gold, precision_target, folds, seed, beta=beta, delta=delta)
         method = "temperature+beta" if beta_map else "temperature"

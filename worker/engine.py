@@ -60,6 +60,13 @@ def beta_map(confidence: np.ndarray | float, beta: tuple[float, float, float]) -
     return 1.0 / (1.0 + np.exp(-(c + a * np.log(p) - b * np.log1p(-p))))
 
 
+def check_beta(beta: tuple[float, float, float] | None) -> None:
+    """Refuse a beta map that ``beta_map`` cannot serve as an increasing map: it needs
+    ``(a >= 0, b >= 0, c)``. Raises ``ModelUnavailable``."""
+    if beta is not None and not (len(beta) == 3 and beta[0] >= 0 and beta[1] >= 0):
+        raise ModelUnavailable(f"beta calibration needs (a >= 0, b >= 0, c), got {beta}")
+
+
 @dataclass(frozen=True)
 class LabelHead:
     """A linear label head on the last prompt token's final hidden state.
@@ -83,8 +90,7 @@ class LabelHead:
         or the calibration is out of its domain."""
         if not temperature > 0:
             raise ModelUnavailable(f"label head temperature must be > 0, got {temperature}")
-        if beta is not None and not (len(beta) == 3 and beta[0] >= 0 and beta[1] >= 0):
-            raise ModelUnavailable(f"beta calibration needs (a >= 0, b >= 0, c), got {beta}")
+        check_beta(beta)
         try:
             with np.load(path, allow_pickle=False) as data:
                 head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32),
@@ -162,10 +168,9 @@ class RoutingEngine:
                  adapter_path: Path | None = None, head: LabelHead | None = None,
                  prompt_style: PromptStyle = "catalog", repack: bool = True,
                  model: object = None, trie_beta: tuple[float, float, float] | None = None):
-        if trie_beta is not None and (head is not None or len(trie_beta) != 3
-                                      or trie_beta[0] < 0 or trie_beta[1] < 0):
-            raise ModelUnavailable(f"a trie's beta calibration needs no head and (a >= 0, "
-                                   f"b >= 0, c), got {trie_beta} with a head: {head is not None}")
+        if trie_beta is not None and head is not None:
+            raise ModelUnavailable("a trie's beta calibration was given with a label head")
+        check_beta(trie_beta)
         self.trie_beta = trie_beta
         self.taxonomy = taxonomy
         self.max_ticket_tokens = max_ticket_tokens
