@@ -108,6 +108,29 @@ $(RDROP_STAGE1)/manifest.json:
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(RDROP_STAGE1) --rdrop-weight 0.5 --lora-dropout 0.1
 
+# The R-Drop stage 2 pair (docs/experiments/security.md, "R-Drop and the floor of harmless
+# words"): `make train-robust`'s command and the gold-header run's, each started from and
+# distilled from the R-Drop stage 1 instead of the shipped one (about 55 min each on 2 CPU cores,
+# resumable); their soup is the candidate router for issues 12 and 13.
+RDROP_ROBUST := var/train/stage2-rdrop-s1
+$(RDROP_ROBUST)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out $(RDROP_ROBUST) --init-from $(RDROP_STAGE1) --injection-augment 1.0 --epochs 1.0 \
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(RDROP_STAGE1)/manifest.json \
+	  --injection-grammar 0.5 --weight-average-decay 0.995
+RDROP_HEADERS := var/train/stage2-rdrop-goldheaders
+$(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	  --out $(RDROP_HEADERS) --init-from $(RDROP_STAGE1) --injection-augment 1.0 --epochs 1.0 \
+	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(RDROP_STAGE1)/manifest.json \
+	  --injection-grammar 0.5 --weight-average-decay 0.995 --injection-headers 0.6 \
+	  --injection-header-gold 0.5
+RDROP_SOUP := var/soup/rdrop
+$(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json
+	$(BIN)/thinfleet soup $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json --out $(RDROP_SOUP)
+	$(BIN)/thinfleet calibrate --manifest $(RDROP_SOUP)/manifest.json
+	$(BIN)/thinfleet eval --manifest $(RDROP_SOUP)/manifest.json --out $(RDROP_SOUP)
+
 # The twenty-second session's trial (docs/experiments/security.md, "R-Drop at stage 2 alone"):
 # R-Drop added at stage 2 only, from the shipped stage 1, half an epoch (the doubled passes cost
 # about one stage-2 epoch: 44 min on 2 CPU cores). Less robust than the robust stage 2; not stored.
