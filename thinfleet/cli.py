@@ -288,6 +288,26 @@ def cmd_injection(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_injection_compare(args: argparse.Namespace) -> int:
+    from training.injection_compare import compare_reports, load_report, markdown
+
+    try:
+        reports = [load_report(Path(p)) for p in (args.candidate, args.baseline)]
+        comparison = compare_reports(*reports)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"thinfleet injection-compare: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(comparison, args.candidate_name or Path(args.candidate).name,
+                    args.baseline_name or Path(args.baseline).name)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+        (out / "comparison.md").write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from training.merge import export_merged
 
@@ -484,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this corpus style (repeatable)")
     p.add_argument("--out", default="var/injection")
     p.set_defaults(func=cmd_injection)
+
+    p = sub.add_parser("injection-compare", help="two routers' injection reports side by "
+                       "side, against issue 12's targets (runs no model)")
+    p.add_argument("candidate", help="the candidate's injection.json, or its folder")
+    p.add_argument("baseline", help="the baseline's (e.g. the shipped router's), measured "
+                   "with the same --tickets")
+    p.add_argument("--candidate-name", help="its column's name (default: the folder's)")
+    p.add_argument("--baseline-name", help="its column's name (default: the folder's)")
+    p.add_argument("--out", help="also write comparison.json and comparison.md here")
+    p.set_defaults(func=cmd_injection_compare)
 
     p = sub.add_parser("calibrate", help="fit a router's calibration (a head's temperature "
                        "and beta map, a trie's beta map) and the threshold that meets a "
