@@ -113,7 +113,7 @@ $(RDROP_STAGE1)/manifest.json:
 # words"): `make train-robust`'s command and the gold-header run's, each started from and
 # distilled from the R-Drop stage 1 instead of the shipped one (about 55 min each on 2 CPU cores,
 # resumable); their soup is the candidate router for issues 12 and 13.
-RDROP_ROBUST := var/train/stage2-rdrop-s1
+RDROP_ROBUST := models/trained/banking77-gemma3-270m-lora-rdrop-robust
 $(RDROP_ROBUST)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
 	  --out $(RDROP_ROBUST) --init-from $(RDROP_STAGE1) --injection-augment 1.0 --epochs 1.0 \
