@@ -112,7 +112,7 @@ $(RDROP_STAGE1)/manifest.json:
 # The R-Drop stage 2 pair (docs/experiments/security.md, "R-Drop and the floor of harmless
 # words"): `make train-robust`'s command and the gold-header run's, each started from and
 # distilled from the R-Drop stage 1 instead of the shipped one (about 55 min each on 2 CPU cores,
-# resumable); their soup is the candidate router for issues 12 and 13.
+# resumable; the first is stored); their soup is the candidate router for issues 12 and 13.
 RDROP_ROBUST := models/trained/banking77-gemma3-270m-lora-rdrop-robust
 $(RDROP_ROBUST)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
