@@ -53,20 +53,21 @@ install-train: install
 # (training.finetune.Recipe: 3 epochs, label smoothing 0.1; about 1 h 45 min on 2 CPU cores;
 # uses a CUDA GPU when present).
 train: install-train
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(STAGE1)
+	$(TRAIN_BANKING77) --out $(STAGE1)
 
 # Stage 2 (issue 12), the soup's first ingredient: continue from stage 1 with adversarial
 # augmentation (half the injection corpus's train styles, half plain language composed from its
 # grammar; gold label kept), one epoch over the rows plus as many injected copies, lower learning
 # rates, distilled from stage 1 (an injected copy learns stage 1's soft labels for its clean row),
 # exporting the moving average of the weights (decay 0.995 per step); about 9 min of teacher
-# scores, once, then 60 min on 2 CPU cores.
+# scores, once, then 60 min on 2 CPU cores. STAGE2_FROM: every stage-2 run's flags but the
+# epochs, from the stage 1 given as $(1).
+TRAIN_BANKING77 := $(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category
+STAGE2_FROM = --init-from $(1) --distill-from $(1)/manifest.json --injection-augment 1.0 \
+  --lora-lr 2e-4 --head-lr 1e-3 --injection-grammar 0.5 --weight-average-decay 0.995
+GOLD_HEADERS := --injection-headers 0.6 --injection-header-gold 0.5
 train-robust: install-train
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(ROBUST) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
-	  --weight-average-decay 0.995
+	$(TRAIN_BANKING77) --out $(ROBUST) $(call STAGE2_FROM,$(STAGE1)) --epochs 1.0
 
 # The soup's second ingredient (docs/experiments/security.md, "The header grammar"): the same stage 2 with gold-label
 # headers (about 60 min on 2 CPU cores; not stored, the soup's manifest pins its adapter's
@@ -75,29 +76,23 @@ train-robust: install-train
 # evaluated there (about 3 min); the demo merges it to Q4_K_M.
 HEADERS_ROUTER := var/train/stage2-goldheaders-1ep
 $(HEADERS_ROUTER)/manifest.json:
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(HEADERS_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
-	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5
+	$(TRAIN_BANKING77) --out $(HEADERS_ROUTER) $(call STAGE2_FROM,$(STAGE1)) --epochs 1.0 \
+	  $(GOLD_HEADERS)
 
 # A third stage 2 (the eighteenth session, docs/experiments/security.md, "The accounts grammar"): the
 # gold-header run's command plus second-hand and earlier accounts naming a label (30 % of the
 # attacked copies, half naming the gold label); about 55 min on 2 CPU cores, not stored.
 ACCOUNTS_ROUTER := var/train/stage2-accounts-1ep
 $(ACCOUNTS_ROUTER)/manifest.json:
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(ACCOUNTS_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 1.0 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
-	  --weight-average-decay 0.995 --injection-headers 0.6 --injection-header-gold 0.5 \
-	  --injection-accounts 0.3 --injection-account-gold 0.5
+	$(TRAIN_BANKING77) --out $(ACCOUNTS_ROUTER) $(call STAGE2_FROM,$(STAGE1)) --epochs 1.0 \
+	  $(GOLD_HEADERS) --injection-accounts 0.3 --injection-account-gold 0.5
 
 # Issue 13's capacity trial (docs/experiments/fine-tuning.md): stage 1 with LoRA rank 32 instead of 16, alpha
 # kept at 32 as Hu et al. (2021) keep it across ranks; all else the recipe's defaults. About
 # 1 h 20 min on 2 CPU cores (75 min of training measured), not stored.
 RANK32_STAGE1 := var/train/stage1-r32
 $(RANK32_STAGE1)/manifest.json:
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(RANK32_STAGE1) --lora-r 32
+	$(TRAIN_BANKING77) --out $(RANK32_STAGE1) --lora-r 32
 
 # Issue 13's objective trial: stage 1 with R-Drop (Liang et al. 2021: each batch twice under
 # dropout, plus their symmetric KL; weight 0.5 here is the paper's alpha = 1) and LoRA dropout
@@ -106,8 +101,7 @@ $(RANK32_STAGE1)/manifest.json:
 # Stored (7.6 MB), since its stage 2 pair starts from it and it costs hours to rebuild.
 RDROP_STAGE1 := models/trained/banking77-gemma3-270m-lora-rdrop
 $(RDROP_STAGE1)/manifest.json:
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(RDROP_STAGE1) --rdrop-weight 0.5 --lora-dropout 0.1
+	$(TRAIN_BANKING77) --out $(RDROP_STAGE1) --rdrop-weight 0.5 --lora-dropout 0.1
 
 # The R-Drop stage 2 pair (docs/experiments/security.md, "R-Drop and the floor of harmless
 # words"): `make train-robust`'s command and the gold-header run's, each started from and
@@ -115,17 +109,11 @@ $(RDROP_STAGE1)/manifest.json:
 # resumable; the first is stored); their soup is the candidate router for issues 12 and 13.
 RDROP_ROBUST := models/trained/banking77-gemma3-270m-lora-rdrop-robust
 $(RDROP_ROBUST)/manifest.json: $(RDROP_STAGE1)/manifest.json
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(RDROP_ROBUST) --init-from $(RDROP_STAGE1) --injection-augment 1.0 --epochs 1.0 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(RDROP_STAGE1)/manifest.json \
-	  --injection-grammar 0.5 --weight-average-decay 0.995
+	$(TRAIN_BANKING77) --out $(RDROP_ROBUST) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0
 RDROP_HEADERS := var/train/stage2-rdrop-goldheaders
 $(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(RDROP_HEADERS) --init-from $(RDROP_STAGE1) --injection-augment 1.0 --epochs 1.0 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(RDROP_STAGE1)/manifest.json \
-	  --injection-grammar 0.5 --weight-average-decay 0.995 --injection-headers 0.6 \
-	  --injection-header-gold 0.5
+	$(TRAIN_BANKING77) --out $(RDROP_HEADERS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
+	  $(GOLD_HEADERS)
 RDROP_SOUP := var/soup/rdrop
 $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json
 	$(BIN)/thinfleet soup $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json --out $(RDROP_SOUP)
@@ -137,10 +125,8 @@ $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/mani
 # about one stage-2 epoch: 44 min on 2 CPU cores). Less robust than the robust stage 2; not stored.
 RDROP_ONLY_ROUTER := var/train/stage2-rdrop-only-0.5ep
 $(RDROP_ONLY_ROUTER)/manifest.json:
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
-	  --out $(RDROP_ONLY_ROUTER) --init-from $(STAGE1) --injection-augment 1.0 --epochs 0.5 \
-	  --lora-lr 2e-4 --head-lr 1e-3 --distill-from $(STAGE1)/manifest.json --injection-grammar 0.5 \
-	  --weight-average-decay 0.995 --rdrop-weight 0.5 --lora-dropout 0.1
+	$(TRAIN_BANKING77) --out $(RDROP_ONLY_ROUTER) $(call STAGE2_FROM,$(STAGE1)) --epochs 0.5 \
+	  --rdrop-weight 0.5 --lora-dropout 0.1
 
 soup: install-train $(HEADERS_ROUTER)/manifest.json
 	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(ROUTER)
@@ -152,7 +138,7 @@ soup: install-train $(HEADERS_ROUTER)/manifest.json
 # then (README, "Pruning and distillation"; K=9: about 30 min on 2 CPU cores).
 K ?= 9
 train-pruned: install-train
-	$(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category \
+	$(TRAIN_BANKING77) \
 	  --out models/trained/banking77-gemma3-270m-$(K)blocks --layers $(K) --init-from $(ROBUST) \
 	  --epochs 1 --distill-from $$($(BIN)/python -c \
 	    "from pathlib import Path; from thinfleet.demo import merged_router; \
