@@ -106,11 +106,13 @@ $(RDROP_STAGE1)/manifest.json:
 # The R-Drop stage 2 pair (docs/experiments/security.md, "R-Drop and the floor of harmless
 # words"): `make train-robust`'s command and the gold-header run's, each started from and
 # distilled from the R-Drop stage 1 instead of the shipped one (about 55 min each on 2 CPU cores,
-# resumable; the first is stored); their soup is the candidate router for issues 12 and 13.
+# resumable; both stored). Their soup, measured for issues 12 and 13, serves 92.9 % merged, one
+# ticket short of its rule; the cross soup (the shipped robust stage 2 + the R-Drop stage 2)
+# serves 93.2 % but fails the injection part (docs/experiments/security.md). Neither ships.
 RDROP_ROBUST := models/trained/banking77-gemma3-270m-lora-rdrop-robust
 $(RDROP_ROBUST)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ROBUST) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0
-RDROP_HEADERS := var/train/stage2-rdrop-goldheaders
+RDROP_HEADERS := models/trained/banking77-gemma3-270m-lora-rdrop-goldheaders
 $(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_HEADERS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  $(GOLD_HEADERS)
@@ -119,6 +121,11 @@ $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/mani
 	$(BIN)/thinfleet soup $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json --out $(RDROP_SOUP)
 	$(BIN)/thinfleet calibrate --manifest $(RDROP_SOUP)/manifest.json
 	$(BIN)/thinfleet eval --manifest $(RDROP_SOUP)/manifest.json --out $(RDROP_SOUP)
+CROSS_SOUP := var/soup/cross-A
+$(CROSS_SOUP)/manifest.json: $(ROBUST)/manifest.json $(RDROP_ROBUST)/manifest.json
+	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(RDROP_ROBUST)/manifest.json --out $(CROSS_SOUP)
+	$(BIN)/thinfleet calibrate --manifest $(CROSS_SOUP)/manifest.json
+	$(BIN)/thinfleet eval --manifest $(CROSS_SOUP)/manifest.json --out $(CROSS_SOUP)
 
 # The twenty-second session's trial (docs/experiments/security.md, "R-Drop at stage 2 alone"):
 # R-Drop added at stage 2 only, from the shipped stage 1, half an epoch (the doubled passes cost
