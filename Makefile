@@ -62,6 +62,13 @@ train: install-train
 # exporting the moving average of the weights (decay 0.995 per step); about 9 min of teacher
 # scores, once, then 60 min on 2 CPU cores. STAGE2_FROM: every stage-2 run's flags but the
 # epochs, from the stage 1 given as $(1).
+# A soup and what it needs to be served: the uniform soup of the routers in $(1), written to
+# $(2), then its calibration and threshold fitted and its evaluation written beside it.
+define SOUP
+$(BIN)/thinfleet soup $(addsuffix /manifest.json,$(1)) --out $(2)
+$(BIN)/thinfleet calibrate --manifest $(2)/manifest.json
+$(BIN)/thinfleet eval --manifest $(2)/manifest.json --out $(2)
+endef
 TRAIN_BANKING77 := $(BIN)/thinfleet train $(BANKING77) --taxonomy banking77 --label-column category
 STAGE2_FROM = --init-from $(1) --distill-from $(1)/manifest.json --injection-augment 1.0 \
   --lora-lr 2e-4 --head-lr 1e-3 --injection-grammar 0.5 --weight-average-decay 0.995
@@ -118,14 +125,10 @@ $(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	  $(GOLD_HEADERS)
 RDROP_SOUP := var/soup/rdrop
 $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json
-	$(BIN)/thinfleet soup $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json --out $(RDROP_SOUP)
-	$(BIN)/thinfleet calibrate --manifest $(RDROP_SOUP)/manifest.json
-	$(BIN)/thinfleet eval --manifest $(RDROP_SOUP)/manifest.json --out $(RDROP_SOUP)
+	$(call SOUP,$(RDROP_ROBUST) $(RDROP_HEADERS),$(RDROP_SOUP))
 CROSS_SOUP := var/soup/cross-A
 $(CROSS_SOUP)/manifest.json: $(ROBUST)/manifest.json $(RDROP_ROBUST)/manifest.json
-	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(RDROP_ROBUST)/manifest.json --out $(CROSS_SOUP)
-	$(BIN)/thinfleet calibrate --manifest $(CROSS_SOUP)/manifest.json
-	$(BIN)/thinfleet eval --manifest $(CROSS_SOUP)/manifest.json --out $(CROSS_SOUP)
+	$(call SOUP,$(ROBUST) $(RDROP_ROBUST),$(CROSS_SOUP))
 
 # The twenty-second session's trial (docs/experiments/security.md, "R-Drop at stage 2 alone"):
 # R-Drop added at stage 2 only, from the shipped stage 1, half an epoch (the doubled passes cost
@@ -136,9 +139,7 @@ $(RDROP_ONLY_ROUTER)/manifest.json:
 	  --rdrop-weight 0.5 --lora-dropout 0.1
 
 soup: install-train $(HEADERS_ROUTER)/manifest.json
-	$(BIN)/thinfleet soup $(ROBUST)/manifest.json $(HEADERS_ROUTER)/manifest.json --out $(ROUTER)
-	$(BIN)/thinfleet calibrate --manifest $(ROUTER)/manifest.json
-	$(BIN)/thinfleet eval --manifest $(ROUTER)/manifest.json --out $(ROUTER)
+	$(call SOUP,$(ROBUST) $(HEADERS_ROUTER),$(ROUTER))
 
 # Pruned routers (issue 16): the base model's first K blocks, the stage-2 router's LoRA of those
 # blocks as the start, a new head, 1 epoch, distilled from it merged as the fleet served it
