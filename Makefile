@@ -126,6 +126,16 @@ $(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 RDROP_SOUP := var/soup/rdrop
 $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_HEADERS),$(RDROP_SOUP))
+# The twenty-fifth session's trial (docs/experiments/security.md, "A rank-32 R-Drop pair"): the
+# R-Drop stage 2 again with another training order (--order-seed: same split, same validation
+# rows), then the soup of the two, whose merged LoRA update has rank 32 (about 55 min + 3 min).
+RDROP_ROBUST_B := var/train/rdrop-robust-order14
+$(RDROP_ROBUST_B)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(TRAIN_BANKING77) --out $(RDROP_ROBUST_B) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
+	  --order-seed 14
+RDROP_PAIR := var/soup/rdrop-pair
+$(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(RDROP_PAIR))
 CROSS_SOUP := var/soup/cross-A
 $(CROSS_SOUP)/manifest.json: $(ROBUST)/manifest.json $(RDROP_ROBUST)/manifest.json
 	$(call SOUP,$(ROBUST) $(RDROP_ROBUST),$(CROSS_SOUP))

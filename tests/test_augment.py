@@ -265,3 +265,4 @@ def test_a_new_knob_left_off_keeps_the_checkpoint_fingerprint() -> None:
                         ids, labels)
     assert run_fingerprint(Recipe(epochs=4, injection_accounts=0.3), ids, labels) != \
         digest.hexdigest()
+    assert run_fingerprint(Recipe(epochs=4, order_seed=14), ids, labels) != digest.hexdigest()

@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "init_from", "layers",
                           "distill_from", "distill_weight", "distill_temperature",
                           "weight_average_decay", "lora_alpha", "lora_dropout",
-                          "rdrop_weight")
+                          "rdrop_weight", "order_seed")
              if getattr(args, name) is not None}
     recipe = Recipe(lora_r=args.lora_r, batch_size=args.batch_size,
                     max_ticket_tokens=args.max_ticket_tokens, seed=args.seed, **tuned)
@@ -413,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float,
                    help="cross-entropy label smoothing, 0..1 (default: the recipe's)")
     p.add_argument("--max-ticket-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--seed", type=int, default=13,
+                   help="the validation split, the calibration folds and (unless --order-seed "
+                        "is given) the training randomness")
+    p.add_argument("--order-seed", type=int,
+                   help="the training randomness alone: data order, injected copies, dropout; "
+                        "the split stays --seed's (e.g. a second soup ingredient)")
     p.add_argument("--validation-fraction", type=float,
                    help="share of rows kept out of training for validation and calibration "
                         "(default: the recipe's, 0.1)")

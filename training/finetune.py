@@ -75,7 +75,13 @@ class Recipe:
     label_smoothing: float = 0.1
     max_ticket_tokens: int = 64
     prompt_style: PromptStyle = "compact"
+    #: the split of the labelled rows (``training.split``) and the calibration folds; also the
+    #: training randomness unless ``order_seed`` is set
     seed: int = 13
+    #: the training randomness alone (None: ``seed``): data order, the injected copies and
+    #: dropout (the head starts at zeros or from ``init_from``). Two runs that differ only here
+    #: train on the same rows and are measured on the same validation rows (soup ingredients)
+    order_seed: int | None = None
     #: the precision target whose threshold ``thinfleet calibrate`` records after export
     precision_target: float = 0.98
     #: steps between training checkpoints (``out_dir/checkpoint.pt``; a stopped run resumes)
@@ -360,7 +366,7 @@ _NOT_WEIGHTS = ("precision_target", "checkpoint_every_steps")
 #: orphan a checkpoint of a run that does not use it.
 _HASHED_WHEN_SET = {"injection_headers": 0.0, "injection_header_gold": 0.0,
                     "injection_accounts": 0.0, "injection_account_gold": 0.0,
-                    "rdrop_weight": 0.0}
+                    "rdrop_weight": 0.0, "order_seed": None}
 
 
 def run_fingerprint(recipe: Recipe, ids: list[list[int]], labels: list[int],
@@ -488,7 +494,8 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     from worker.cpus import available_cpus
     from worker.llama import load_vocab
 
-    seed_everything(recipe.seed)
+    order_seed = recipe.seed if recipe.order_seed is None else recipe.order_seed
+    seed_everything(order_seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = available_cpus()
     torch.set_num_threads(threads)
@@ -497,7 +504,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     if recipe.injection_augment > 0:
         from training.injection import augment
 
-        extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, recipe.seed,
+        extra = augment(train_rows, taxonomy.label_names, recipe.injection_augment, order_seed,
                         grammar_share=recipe.injection_grammar,
                         benign_share=recipe.injection_benign,
                         header_share=recipe.injection_headers,
@@ -532,7 +539,7 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     ], weight_decay=recipe.weight_decay)
     average = (get_ema_multi_avg_fn(recipe.weight_average_decay)
                if recipe.weight_average_decay > 0 else None)
-    rng = random.Random(recipe.seed)
+    rng = random.Random(order_seed)
     epochs_whole = math.ceil(recipe.epochs)
     plan: list[list[int]] = []
     epoch_ends: set[int] = set()
