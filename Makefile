@@ -126,7 +126,7 @@ $(RDROP_HEADERS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 RDROP_SOUP := var/soup/rdrop
 $(RDROP_SOUP)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_HEADERS)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_HEADERS),$(RDROP_SOUP))
-# The twenty-fifth session's trial (docs/experiments/security.md, "A rank-32 R-Drop pair"): the
+# The twenty-fifth session's trial (docs/experiments/security.md, "The twenty-fifth session"): the
 # R-Drop stage 2 again with another training order (--order-seed: same split, same validation
 # rows), then the soup of the two, whose merged LoRA update has rank 32 (about 55 min + 3 min).
 # Measured: the second order 92.9 % merged, the pair 92.8 %, each short of the shipped soup's

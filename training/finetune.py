@@ -469,10 +469,11 @@ def train(base_gguf: Path, taxonomy: Taxonomy, train_rows: list[tuple[str, str]]
     **Checkpoint and resume.** Every ``recipe.checkpoint_every_steps`` steps, and when the run is
     interrupted (Ctrl-C, SIGTERM), ``out_dir/checkpoint.pt`` receives the LoRA and head weights,
     the optimizer's and scheduler's state, the torch RNG state and the step. The data order is a
-    function of the seed, so a new call with the same recipe and data continues at the next
-    batch and ends with the weights an uninterrupted run would have (a test checks it). The
-    checkpoint is removed when the run completes. ``stop_after_steps`` stops after that many
-    steps (tests, or to split a long CPU run into sessions).
+    function of the order seed (``recipe.order_seed``, else ``recipe.seed``), so a new call with
+    the same recipe and data continues at the next batch and ends with the weights an
+    uninterrupted run would have (a test checks it). The checkpoint is removed when the run
+    completes. ``stop_after_steps`` stops after that many steps (tests, or to split a long CPU
+    run into sessions).
 
     **Pruning and distillation** (issue 16): ``recipe.layers`` trains on the first blocks only
     (``truncate_blocks``); ``recipe.distill_from`` adds a teacher router's soft labels
