@@ -17,29 +17,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
-from bench.routing import load_tickets
+import numpy as np
+
+from bench.routing import load_tickets, run_system
 from models import load_taxonomy
 from models.manifest import Manifest
 
 
 def time_once(manifest: Path, tickets: list[str], threads: int) -> list[float]:
-    """Per-ticket latencies in seconds of one warmed engine of ``manifest``."""
+    """Per-ticket latencies in ms of one warmed engine of ``manifest``."""
     from training.calibrate_model import open_engine
 
     taxonomy = load_taxonomy(Manifest.model_validate_json(manifest.read_text()).taxonomy.name)
     engine = open_engine(manifest, taxonomy, threads)
     try:
-        for text in tickets:  # warm: pages mapped, caches filled
-            engine.route(text)
-        latencies = []
-        for text in tickets:
-            started = time.perf_counter()
-            engine.route(text)
-            latencies.append(time.perf_counter() - started)
-        return latencies
+        run_system(engine.route, tickets)  # warm: pages mapped, caches filled
+        return run_system(engine.route, tickets)
     finally:
         engine.close()
 
@@ -56,15 +51,16 @@ def main() -> None:
     for _ in range(args.reps):
         for manifest in args.manifests:
             runs[manifest].append(time_once(manifest, tickets, args.threads))
-    rate = {m: statistics.median(len(r) / sum(r) for r in runs[m]) for m in args.manifests}
+    rate = {m: 1000 / statistics.median(statistics.mean(r) for r in runs[m])
+            for m in args.manifests}
     first = rate[args.manifests[0]]
     print(f"{len(tickets)} tickets, {args.reps} repetitions, {args.threads} threads; medians")
     print("| model | GGUF MiB | tickets/s | p50 ms | p95 ms | tickets/s vs the first |")
     print("| --- | --- | --- | --- | --- | --- |")
     for m in args.manifests:
         manifest = Manifest.model_validate_json(m.read_text())
-        p50 = statistics.median(statistics.median(r) for r in runs[m]) * 1000
-        p95 = statistics.median(sorted(r)[int(0.95 * (len(r) - 1))] for r in runs[m]) * 1000
+        p50 = statistics.median(statistics.median(r) for r in runs[m])
+        p95 = statistics.median(float(np.percentile(r, 95)) for r in runs[m])
         print(f"| {manifest.name} | {manifest.base_model.bytes / 2**20:.0f} | {rate[m]:.1f} | "
               f"{p50:.1f} | {p95:.1f} | {rate[m] / first:.2f} |")
 
