@@ -149,6 +149,13 @@ RDROP_ONLY_ROUTER := var/train/stage2-rdrop-only-0.5ep
 $(RDROP_ONLY_ROUTER)/manifest.json:
 	$(TRAIN_BANKING77) --out $(RDROP_ONLY_ROUTER) $(call STAGE2_FROM,$(STAGE1)) --epochs 0.5 \
 	  --rdrop-weight 0.5 --lora-dropout 0.1
+# The twenty-sixth session's trial (docs/experiments/security.md, "The twenty-sixth session"): the
+# same from the shipped stage 1 for a full epoch, so R-Drop sees every row and injected copy once
+# (about 90 min on 2 CPU cores); not stored.
+RDROP_ONLY_1EP := var/train/stage2-rdrop-only-1ep
+$(RDROP_ONLY_1EP)/manifest.json:
+	$(TRAIN_BANKING77) --out $(RDROP_ONLY_1EP) $(call STAGE2_FROM,$(STAGE1)) --epochs 1.0 \
+	  --rdrop-weight 0.5 --lora-dropout 0.1
 
 soup: install-train $(HEADERS_ROUTER)/manifest.json
 	$(call SOUP,$(ROBUST) $(HEADERS_ROUTER),$(ROUTER))
