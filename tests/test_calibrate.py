@@ -12,6 +12,7 @@ from models import load_taxonomy
 from models.errors import ModelUnavailable
 from models.manifest import Manifest
 from training.calibrate import (
+    coverage_intervals,
     cross_fit,
     expected_calibration_error,
     fit_beta,
@@ -87,6 +88,25 @@ def test_risk_coverage_and_the_precision_threshold() -> None:
     # an unreachable target routes nothing automatically
     assert threshold_for_precision(np.array([False]), np.array([0.7]), 0.9) > 0.7
 
+
+
+def test_coverage_intervals_hold_the_point_and_narrow_with_more_rows() -> None:
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, gold = synthetic(n=n, true_t=0.3, seed=7)
+        return scores.argmax(1) == gold, softmax(scores, 0.3).max(1)
+
+    small, large = rows(500), rows(5000)
+    narrow = coverage_intervals(*large)
+    wide = coverage_intervals(*small)
+    assert narrow is not None and wide is not None
+    for target in ("0.95", "0.98", "0.99"):
+        point = risk_coverage(*large).coverage_at[target]
+        low, high = narrow[target]
+        assert 0.0 <= low <= point <= high <= 1.0
+        assert high - low < wide[target][1] - wide[target][0]
+    # the same rows and seed give the same interval; a lone ticket has none
+    assert coverage_intervals(*small) == wide
+    assert coverage_intervals(np.array([True]), np.array([0.9])) is None
 
 def test_cross_fit_never_measures_a_row_on_its_own_fit() -> None:
     scores, gold = synthetic(n=1000)
@@ -301,6 +321,11 @@ def test_eval_reports_the_coverage_a_guarantee_leaves() -> None:
     # the guarantee costs coverage: never more than the estimated threshold's at 95 %
     assert 0 <= sure["by_target"]["0.95"]["coverage"] <= oof["coverage"]
     assert sure["by_target"]["0.99"]["coverage"] <= sure["by_target"]["0.95"]["coverage"]
+    # the coverage figures carry their bootstrap intervals into the report
+    low, high = oof["coverage_at_precision_interval"]["0.99"]
+    assert low <= oof["coverage_at_precision"]["0.99"] <= high
+    from training.evaluate import _coverage_cell
+    assert _coverage_cell(oof, "0.99").endswith(f"({low:.0%}–{high:.0%})")
 
 
 def test_calibrate_refuses_a_missing_model_or_out_clearly(tmp_path: Path,
