@@ -151,7 +151,8 @@ $(RDROP_ONLY_ROUTER)/manifest.json:
 	  --rdrop-weight 0.5 --lora-dropout 0.1
 # The twenty-sixth session's trial (docs/experiments/security.md, "The twenty-sixth session"): the
 # same from the shipped stage 1 for a full epoch, so R-Drop sees every row and injected copy once
-# (about 90 min on 2 CPU cores); not stored.
+# (72 min of training on 2 CPU cores). Measured: 934 of 1,001 merged to Q4_K_M, but under attack
+# no better than the shipped soup (31 against 36 of 59 styles); not stored, not shipped.
 RDROP_ONLY_1EP := var/train/stage2-rdrop-only-1ep
 $(RDROP_ONLY_1EP)/manifest.json:
 	$(TRAIN_BANKING77) --out $(RDROP_ONLY_1EP) $(call STAGE2_FROM,$(STAGE1)) --epochs 1.0 \
