@@ -89,7 +89,6 @@ def test_risk_coverage_and_the_precision_threshold() -> None:
     assert threshold_for_precision(np.array([False]), np.array([0.7]), 0.9) > 0.7
 
 
-
 def test_coverage_intervals_hold_the_point_and_narrow_with_more_rows() -> None:
     def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
         scores, gold = synthetic(n=n, true_t=0.3, seed=7)
@@ -107,6 +106,7 @@ def test_coverage_intervals_hold_the_point_and_narrow_with_more_rows() -> None:
     # the same rows and seed give the same interval; a lone ticket has none
     assert coverage_intervals(*small) == wide
     assert coverage_intervals(np.array([True]), np.array([0.9])) is None
+
 
 def test_cross_fit_never_measures_a_row_on_its_own_fit() -> None:
     scores, gold = synthetic(n=1000)
