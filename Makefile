@@ -10,7 +10,7 @@ LLAMA_FLAGS_ID := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256su
 WHEEL_DIR := $(HOME)/.cache/thinfleet/wheels/$(LLAMA_FLAGS_ID)
 STAMP := $(VENV)/.installed-$(LLAMA_FLAGS_ID)
 
-.PHONY: install install-train demo demo-ecommerce test lint pytest schema train train-robust soup train-ecommerce injection \
+.PHONY: install install-train demo demo-ecommerce test lint pytest schema train train-robust soup router train-ecommerce injection \
 	train-pruned frontier \
 	eval eval-ecommerce bench faults clean chart
 
@@ -42,8 +42,11 @@ demo-ecommerce: install
 BANKING77 ?= ../shared/datasets/banking77/train.csv
 STAGE1 := models/trained/banking77-gemma3-270m-lora
 ROBUST := models/trained/banking77-gemma3-270m-lora-robust
-# the shipped router: the soup of two stage-2 runs (below)
-ROUTER := models/trained/banking77-gemma3-270m-lora-soup
+# the shipped router: the soup of two training orders of the R-Drop stage 2 (`make router`),
+# served merged into one Q8_0 file (thinfleet.demo.SHIPPED_QUANT)
+ROUTER := models/trained/banking77-gemma3-270m-lora-rdrop-pair
+# the router shipped before it: the soup of two stage-2 runs from the plain stage 1 (`make soup`)
+SOUP_ROUTER := models/trained/banking77-gemma3-270m-lora-soup
 
 install-train: install
 	$(BIN)/pip install -q -e '.[dev,train]'
@@ -159,7 +162,14 @@ $(RDROP_ONLY_1EP)/manifest.json:
 	  --rdrop-weight 0.5 --lora-dropout 0.1
 
 soup: install-train $(HEADERS_ROUTER)/manifest.json
-	$(call SOUP,$(ROBUST) $(HEADERS_ROUTER),$(ROUTER))
+	$(call SOUP,$(ROBUST) $(HEADERS_ROUTER),$(SOUP_ROUTER))
+
+# The shipped router (docs/experiments/security.md, "The twenty-seventh session"): the soup
+# above of the stored R-Drop stage 2 and its second training order, built into models/trained
+# (the soup step is deterministic: the same files as var/soup/rdrop-pair). Merged to Q8_0 it
+# routes 932 of the 1,001 validation rows and passed issue 12's gate at 200 and 400 tickets.
+router: install-train $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(ROUTER))
 
 # Pruned routers (issue 16): the base model's first K blocks, the stage-2 router's LoRA of those
 # blocks as the start, a new head, 1 epoch, distilled from it merged as the fleet served it
@@ -170,16 +180,19 @@ train-pruned: install-train
 	  --out models/trained/banking77-gemma3-270m-$(K)blocks --layers $(K) --init-from $(ROBUST) \
 	  --epochs 1 --distill-from $$($(BIN)/python -c \
 	    "from pathlib import Path; from thinfleet.demo import merged_router; \
-	     print(merged_router(Path('$(ROBUST)/manifest.json')))")
+	     print(merged_router(Path('$(ROBUST)/manifest.json'), 'Q4_K_M'))")
 
 # The pruning/distillation frontier table (README): every router under models/trained with
 # "blocks" in its name beside the shipped one, 1 and 2 threads, floors, and the fleet.
 frontier: install
 	$(BIN)/python -m bench.frontier --reps 5 --tickets 12 --fleet
 
-# Prompt injection, per style, against the shipped router (README, "Security").
+# Prompt injection, per style, against the shipped router as the fleet serves it, merged
+# (README, "Security"; every style, 200 tickets: about 50 min on 2 CPU cores).
 injection: install
-	$(BIN)/thinfleet injection --manifest $(ROUTER)/manifest.json --out var/injection/router
+	$(BIN)/thinfleet injection --manifest $$($(BIN)/python -c \
+	  "from thinfleet.demo import merged_router; print(merged_router())") \
+	  --out var/injection/router
 
 # The shipped router on the held-out validation split, beside the TF-IDF baseline.
 eval: install

@@ -6,6 +6,7 @@ head, llama.cpp's quantizer, and the merged model served by the same engine."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,47 @@ def test_merged_router_serves_the_same_labels_without_an_adapter(tmp_path: Path)
         merged_engine.close()
     assert agree >= len(rows) - 2, f"merged and adapter agree on {agree}/{len(rows)}"
     assert gold >= len(rows) * 0.8, f"merged router: {gold}/{len(rows)} correct"
+
+
+def test_the_shipped_router_is_published_merged_at_its_quantization(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``make demo``, docker-compose's seed and the Helm chart serve: ``thinfleet publish
+    --merge`` of the shipped router (``SHIPPED_MANIFEST`` at ``SHIPPED_QUANT``) to a real S3
+    endpoint, pulled back and verified as a worker does; it keeps the adapter's calibration and
+    threshold, and routes as the adapter does (all but at most one of 20 tickets here; the R-Drop
+    pair at Q8_0: 932 of the 1,001 validation rows right both ways)."""
+    from thinfleet.cli import main
+    from thinfleet.demo import SHIPPED_MANIFEST, SHIPPED_QUANT
+
+    shipped = SHIPPED_MANIFEST.resolve()
+    rows_path = Path("data/banking77/validation.csv").resolve()
+    monkeypatch.chdir(tmp_path)  # the merge is cached under ./var/merged
+    assert main(["publish", str(shipped), "s3://thinfleet-models/shipped", "--merge",
+                 SHIPPED_QUANT, "--endpoint-url", s3_endpoint]) == 0
+    published = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    taxonomy = load_taxonomy("banking77")
+    spec = resolve_model(model_uri="", model_sha256="0" * 64, manifest_uri=published["manifest"],
+                         manifest_sha256=published["manifest_sha256"],
+                         taxonomy_sha256=taxonomy.sha256, cache_dir=tmp_path / "cache",
+                         endpoint_url=s3_endpoint)
+    source = Manifest.model_validate_json(shipped.read_text())
+    assert source.calibration is not None and source.selective is not None
+    assert spec.adapter is None and spec.name == f"{source.name}-merged-{SHIPPED_QUANT.lower()}"
+    assert spec.temperature == source.calibration.temperature
+    assert spec.beta == tuple(source.calibration.beta or ())
+    assert spec.threshold == source.selective.threshold
+    with rows_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[1:40:2]
+    _, adapter_engine = engine_for(shipped)
+    merged_engine = build_engine(spec, taxonomy, 2, WorkerSettings())
+    try:
+        agree = sum(adapter_engine.route(r["text"]).label == merged_engine.route(r["text"]).label
+                    for r in rows)
+    finally:
+        adapter_engine.close()
+        merged_engine.close()
+    assert agree >= len(rows) - 1, f"merged and adapter agree on {agree}/{len(rows)}"
 
 
 def test_a_router_without_an_adapter_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,11 @@ from training.soup import soup_adapters, soup_heads, soup_routers, write_adapter
 
 STAGE1 = Path("models/trained/banking77-gemma3-270m-lora")
 ROBUST = Path("models/trained/banking77-gemma3-270m-lora-robust")
-SHIPPED = Path("models/trained/banking77-gemma3-270m-lora-soup")
+#: the soup shipped before the R-Drop pair, still stored (README, "Fine-tuning")
+SOUP = Path("models/trained/banking77-gemma3-270m-lora-soup")
+#: the shipped router: the soup of two R-Drop stage-2 training orders
+SHIPPED = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair")
+RDROP_ROBUST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-robust")
 
 
 def read_update(path: Path, target: str) -> np.ndarray:
@@ -101,11 +105,12 @@ def test_routers_of_another_taxonomy_or_base_are_refused(tmp_path: Path) -> None
         soup_routers([ROBUST], tmp_path / "soup")
 
 
-def test_the_shipped_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None:
-    """The shipped router's manifest names its two ingredients (``make soup``): the stored
-    stage-2 router, pinned by its adapter's sha256, and the gold-header run, by its recipe; and
-    it carries the calibration and threshold fitted on the soup itself, not an ingredient's."""
-    shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
+def test_the_former_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None:
+    """The soup shipped before the R-Drop pair (``make soup``): its manifest names its two
+    ingredients, the stored stage-2 router, pinned by its adapter's sha256, and the gold-header
+    run, by its recipe; and it carries the calibration and threshold fitted on the soup itself,
+    not an ingredient's."""
+    shipped = Manifest.model_validate_json((SOUP / "manifest.json").read_text())
     robust = Manifest.model_validate_json((ROBUST / "manifest.json").read_text())
     first, second = shipped.recipe["soup_of"]
     assert robust.adapter is not None and first["name"] == ROBUST.name
@@ -116,3 +121,23 @@ def test_the_shipped_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None
     assert shipped.calibration is not None and shipped.selective is not None
     assert shipped.calibration != robust.calibration
     assert shipped.selective.threshold != robust.selective.threshold  # type: ignore[union-attr]
+
+
+def test_the_shipped_router_is_a_calibrated_soup_of_two_r_drop_orders() -> None:
+    """The shipped router (``make router``): the soup of the stored R-Drop stage 2, pinned by
+    its adapter's sha256, and the same recipe run with another training order
+    (``--order-seed 14``, pinned by its recipe and adapter digest); it carries the calibration
+    and the threshold fitted on the soup itself."""
+    shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
+    first_router = Manifest.model_validate_json((RDROP_ROBUST / "manifest.json").read_text())
+    first, second = shipped.recipe["soup_of"]
+    assert first_router.adapter is not None and first["name"] == RDROP_ROBUST.name
+    assert first["adapter_sha256"] == first_router.adapter.sha256
+    assert second["recipe"]["order_seed"] == 14 and len(second["adapter_sha256"]) == 64
+    # the same recipe but the order: same stage 1, split and flags (what a run measured of
+    # itself, its time and token count, differs)
+    measured = {"order_seed", "train_seconds", "train_tokens"}
+    assert ({k: v for k, v in second["recipe"].items() if k not in measured}
+            == {k: v for k, v in first["recipe"].items() if k not in measured})
+    assert shipped.calibration is not None and shipped.selective is not None
+    assert shipped.calibration != first_router.calibration

@@ -328,7 +328,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from thinfleet.devstack import stage_model_dir, upload_model_dir
     from worker.acquire import sha256_file
 
-    staged = stage_model_dir(Path(args.manifest))
+    manifest = Path(args.manifest)
+    if args.merge:
+        from thinfleet.demo import merged_router
+
+        manifest = merged_router(manifest, args.merge)  # cached under var/merged/
+    staged = stage_model_dir(manifest)
     bucket, _, prefix = args.destination.removeprefix("s3://").partition("/")
     uri = upload_model_dir(args.endpoint_url, staged, bucket, prefix.rstrip("/"))
     _print_json({"manifest": uri, "manifest_sha256": sha256_file(staged)})
@@ -561,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("destination", help="s3://bucket/prefix")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS)")
+    p.add_argument("--merge", choices=["Q4_K_M", "Q8_0"],
+                   help="publish the router merged into its base at this quantization "
+                   "(thinfleet merge) instead of base + adapter; the shipped one serves Q8_0")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("demo", help="run the fleet on the Banking77 sample and summarise")
@@ -572,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="worker children")
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.add_argument("--model", choices=["shipped", "adapter", "base"], default=None,
-                   help="the shipped fine-tuned router merged to Q4_K_M (banking77's default), "
+                   help="the shipped fine-tuned router merged to Q8_0 (banking77's default), "
                    "the same router with its adapter applied at load (ecommerce's default), "
                    "or the bare base model")
     p.add_argument("--router", help="another router manifest to serve instead of the job's "

@@ -8,9 +8,9 @@ tickets of ``data/ecommerce/test.jsonl``, three classes plus ``product_name`` an
 1. Redis: use ``THINFLEET_REDIS_URL`` if it answers, else start a redis-server (installing
    Debian's package if needed).
 2. S3: start moto's S3 server and upload the model: by default the shipped fine-tuned router
-   (``models/trained/<job>-gemma3-270m-lora``: LoRA adapter and label head over the Gemma 3
-   270M Q4_K_M base from its PyPI package), merged into one Q4_K_M file on first use
-   (``thinfleet merge``, the faster export); ``--model adapter`` serves the adapter applied at
+   (``JOBS``: LoRA adapter and label head over the Gemma 3 270M Q4_K_M base from its PyPI
+   package), merged into one file quantized to ``SHIPPED_QUANT`` on first use
+   (``thinfleet merge``); ``--model adapter`` serves the adapter applied at
    load instead, ``--model base`` the bare base model.
 3. Worker: one ``thinfleet worker`` with N prefork children, pulling the model from S3 into a
    fresh cache (so the S3 path is the one exercised).
@@ -31,14 +31,22 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models import keys, load_taxonomy
 from models.taxonomy import Taxonomy
 from thinfleet import devstack
 from worker.acquire import sha256_file
 
+if TYPE_CHECKING:
+    from training.merge import QuantType
+
 VAR = Path("var/demo")
-SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-soup/manifest.json")
+SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json")
+#: how the shipped router is merged for serving (``thinfleet merge --quant``): at Q8_0 the R-Drop
+#: pair routes 932 of the 1,001 validation rows (929 at Q4_K_M) and passed issue 12's gate, for a
+#: median 4 % more time per ticket (docs/experiments/security.md, "The twenty-seventh session")
+SHIPPED_QUANT: QuantType = "Q8_0"
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,8 @@ class DemoJob:
     id_column: str
     label_column: str
     manifest: Path
-    #: how the router is served by default: ``shipped`` (merged into one Q4_K_M) or
-    #: ``adapter`` (applied at load)
+    #: how the router is served by default: ``shipped`` (merged into one file quantized to
+    #: ``SHIPPED_QUANT``) or ``adapter`` (applied at load)
     serve: str = "shipped"
 
 
@@ -87,19 +95,21 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def merged_router(manifest: Path = SHIPPED_MANIFEST) -> Path:
-    """The shipped router merged into its base and quantized to Q4_K_M (``thinfleet merge``),
-    built once per shipped manifest (about 30 s) and cached under ``var/``. Progress goes to
-    stderr, so ``$(python -c "...print(merged_router())")`` captures the path alone."""
+def merged_router(manifest: Path = SHIPPED_MANIFEST, qtype: QuantType = SHIPPED_QUANT) -> Path:
+    """The router ``manifest`` merged into its base and quantized to ``qtype`` (``thinfleet
+    merge``; default: the shipped router as the fleet serves it), built once per manifest and
+    quantization (20-30 s) and cached under ``var/merged/``. Returns the merged manifest's path.
+    Progress goes to stderr, so ``$(python -c "...print(merged_router())")`` captures the path
+    alone. Raises ``ValueError`` for a manifest without an adapter."""
     from training.merge import export_merged
 
-    out = VAR.parent / "merged" / sha256_file(manifest)[:12]
+    out = VAR.parent / "merged" / f"{sha256_file(manifest)[:12]}-{qtype.lower()}"
     if (out / "manifest.json").exists():
         return out / "manifest.json"
-    print(f"merging the shipped router's LoRA adapter into its base model (Q4_K_M) in {out}",
+    print(f"merging the router's LoRA adapter into its base model ({qtype}) in {out}",
           file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):
-        return export_merged(manifest, out, "Q4_K_M")
+        return export_merged(manifest, out, qtype)
 
 
 def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -> dict[str, str]:
