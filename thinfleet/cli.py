@@ -330,9 +330,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     manifest = Path(args.manifest)
     if args.merge:
-        from thinfleet.demo import merged_router
+        from training.merge import cached_merge
 
-        manifest = merged_router(manifest, args.merge)  # cached under var/merged/
+        manifest = cached_merge(manifest, args.merge)
     staged = stage_model_dir(manifest)
     bucket, _, prefix = args.destination.removeprefix("s3://").partition("/")
     uri = upload_model_dir(args.endpoint_url, staged, bucket, prefix.rstrip("/"))

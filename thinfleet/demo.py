@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import statistics
-import sys
 import time
 import uuid
 from collections import Counter
@@ -96,20 +95,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def merged_router(manifest: Path = SHIPPED_MANIFEST, qtype: QuantType = SHIPPED_QUANT) -> Path:
-    """The router ``manifest`` merged into its base and quantized to ``qtype`` (``thinfleet
-    merge``; default: the shipped router as the fleet serves it), built once per manifest and
-    quantization (20-30 s) and cached under ``var/merged/``. Returns the merged manifest's path.
-    Progress goes to stderr, so ``$(python -c "...print(merged_router())")`` captures the path
-    alone. Raises ``ValueError`` for a manifest without an adapter."""
-    from training.merge import export_merged
+    """``training.merge.cached_merge`` of ``manifest`` at ``qtype`` under ``var/merged/``;
+    by default the shipped router as the fleet serves it. Progress goes to stderr, so
+    ``$(python -c "...print(merged_router())")`` captures the path alone."""
+    from training.merge import cached_merge
 
-    out = VAR.parent / "merged" / f"{sha256_file(manifest)[:12]}-{qtype.lower()}"
-    if (out / "manifest.json").exists():
-        return out / "manifest.json"
-    print(f"merging the router's LoRA adapter into its base model ({qtype}) in {out}",
-          file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):
-        return export_merged(manifest, out, qtype)
+    return cached_merge(manifest, qtype, VAR.parent / "merged")
 
 
 def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -> dict[str, str]:
