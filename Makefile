@@ -138,6 +138,16 @@ RDROP_ROBUST_B := var/train/rdrop-robust-order14
 $(RDROP_ROBUST_B)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ROBUST_B) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  --order-seed 14
+# The twenty-eighth session's trial (docs/experiments/security.md, "The twenty-eighth session"):
+# a third training order, then the rank-48 uniform soup of the three orders.
+RDROP_ROBUST_C := var/train/rdrop-robust-order15
+$(RDROP_ROBUST_C)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(TRAIN_BANKING77) --out $(RDROP_ROBUST_C) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
+	  --order-seed 15
+RDROP_TRIO := var/soup/rdrop-trio
+$(RDROP_TRIO)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json \
+  $(RDROP_ROBUST_C)/manifest.json
+	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B) $(RDROP_ROBUST_C),$(RDROP_TRIO))
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(RDROP_PAIR))
