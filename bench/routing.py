@@ -43,10 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from models.taxonomy import Taxonomy
+from thinfleet.demo import SHIPPED_MANIFEST
 
 SAMPLE = Path("data/banking77/sample.csv")
 #: the shipped router (its head; the cost of a ticket does not depend on the weights' values)
-ROUTER = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json")
+ROUTER = SHIPPED_MANIFEST
 
 
 def load_tickets(n: int) -> list[str]:

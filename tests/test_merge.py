@@ -19,7 +19,8 @@ from worker.acquire import resolve_model
 from worker.settings import WorkerSettings
 from worker.tasks import build_engine
 
-SHIPPED = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
+#: the stage-1 router (the smallest stored adapter: rank 16)
+STAGE1 = Path("models/trained/banking77-gemma3-270m-lora/manifest.json")
 
 
 def engine_for(manifest: Path):  # type: ignore[no-untyped-def]
@@ -31,16 +32,16 @@ def engine_for(manifest: Path):  # type: ignore[no-untyped-def]
     return spec, build_engine(spec, taxonomy, 2, WorkerSettings())
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped router")
+@pytest.mark.skipif(not STAGE1.exists(), reason="no stage-1 router")
 def test_merged_router_serves_the_same_labels_without_an_adapter(tmp_path: Path) -> None:
-    merged_manifest = export_merged(SHIPPED, tmp_path, "Q4_K_M", threads=2)
+    merged_manifest = export_merged(STAGE1, tmp_path, "Q4_K_M", threads=2)
     manifest = Manifest.model_validate_json(merged_manifest.read_text())
     assert manifest.adapter is None and manifest.head is not None
     assert manifest.recipe["export"] == "merged-Q4_K_M"
     assert not list(tmp_path.glob("*.partial"))
     with Path("data/banking77/validation.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))[:40:2]
-    _, adapter_engine = engine_for(SHIPPED)
+    _, adapter_engine = engine_for(STAGE1)
     spec, merged_engine = engine_for(merged_manifest)
     assert spec.adapter is None
     try:
@@ -96,7 +97,7 @@ def test_the_shipped_router_is_published_merged_at_its_quantization(
 
 
 def test_a_router_without_an_adapter_is_refused(tmp_path: Path) -> None:
-    source = Manifest.model_validate_json(SHIPPED.read_text())
+    source = Manifest.model_validate_json(STAGE1.read_text())
     bare = tmp_path / "manifest.json"
     bare.write_text(source.model_copy(update={"adapter": None}).model_dump_json())
     with pytest.raises(ValueError, match="no adapter"):

@@ -11,14 +11,14 @@ import pytest
 
 from models import ModelRef, RoutedResult, TicketEvent, load_taxonomy
 from models.manifest import Manifest
+from thinfleet.demo import SHIPPED_MANIFEST
 from training.injection import inject, is_attack, load_corpus
 from worker.engine import LabelHead, RouteOutcome, RoutingEngine
 from worker.guard import LABEL_NAME_FLAG, InjectionGuard, guarded_route
 
 ROOT = Path(__file__).parent.parent
-#: the shipped router: the soup of two training orders of the R-Drop stage 2 (README,
-#: "Fine-tuning")
-SHIPPED = ROOT / "models" / "trained" / "banking77-gemma3-270m-lora-rdrop-pair"
+#: the shipped router (README, "Fine-tuning")
+SHIPPED = ROOT / SHIPPED_MANIFEST.parent
 STAGE1 = ROOT / "models" / "trained" / "banking77-gemma3-270m-lora"
 
 
