@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from models.manifest import Manifest
+from thinfleet.demo import SHIPPED_MANIFEST
 from training.soup import soup_adapters, soup_heads, soup_routers, write_adapter
 
 STAGE1 = Path("models/trained/banking77-gemma3-270m-lora")
 ROBUST = Path("models/trained/banking77-gemma3-270m-lora-robust")
 #: the soup shipped before the R-Drop pair, still stored (README, "Fine-tuning")
 SOUP = Path("models/trained/banking77-gemma3-270m-lora-soup")
-#: the shipped router: the soup of two R-Drop stage-2 training orders
-SHIPPED = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair")
+#: the shipped router: a soup of R-Drop stage-2 training orders
+SHIPPED = SHIPPED_MANIFEST.parent
 RDROP_ROBUST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-robust")
 
 
@@ -123,21 +124,25 @@ def test_the_former_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None:
     assert shipped.selective.threshold != robust.selective.threshold  # type: ignore[union-attr]
 
 
-def test_the_shipped_router_is_a_calibrated_soup_of_two_r_drop_orders() -> None:
+def test_the_shipped_router_is_a_calibrated_soup_of_r_drop_training_orders() -> None:
     """The shipped router (``make router``): the soup of the stored R-Drop stage 2, pinned by
-    its adapter's sha256, and the same recipe run with another training order
-    (``--order-seed 14``, pinned by its recipe and adapter digest); it carries the calibration
-    and the threshold fitted on the soup itself."""
+    its adapter's sha256, and the same recipe run with other training orders (``--order-seed
+    N``, each pinned by its recipe and adapter digest); it carries the calibration and the
+    threshold fitted on the soup itself."""
     shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
     first_router = Manifest.model_validate_json((RDROP_ROBUST / "manifest.json").read_text())
-    first, second = shipped.recipe["soup_of"]
+    first, *others = shipped.recipe["soup_of"]
     assert first_router.adapter is not None and first["name"] == RDROP_ROBUST.name
     assert first["adapter_sha256"] == first_router.adapter.sha256
-    assert second["recipe"]["order_seed"] == 14 and len(second["adapter_sha256"]) == 64
+    orders = [other["recipe"]["order_seed"] for other in others]
+    assert others and len(set(orders)) == len(orders)
+    assert first["recipe"]["seed"] not in orders  # the first order is the split's seed
     # the same recipe but the order: same stage 1, split and flags (what a run measured of
     # itself, its time and token count, differs)
     measured = {"order_seed", "train_seconds", "train_tokens"}
-    assert ({k: v for k, v in second["recipe"].items() if k not in measured}
-            == {k: v for k, v in first["recipe"].items() if k not in measured})
+    for other in others:
+        assert len(other["adapter_sha256"]) == 64
+        assert ({k: v for k, v in other["recipe"].items() if k not in measured}
+                == {k: v for k, v in first["recipe"].items() if k not in measured})
     assert shipped.calibration is not None and shipped.selective is not None
     assert shipped.calibration != first_router.calibration
