@@ -149,6 +149,13 @@ RDROP_TRIO := var/soup/rdrop-trio
 $(RDROP_TRIO)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json \
   $(RDROP_ROBUST_C)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B) $(RDROP_ROBUST_C),$(RDROP_TRIO))
+# The twenty-eighth session's second trial (docs/experiments/security.md, "The accounts grammar
+# on the R-Drop stage 1"): the shipped pair's first ingredient's command (default order) plus the
+# accounts grammar, as the eighteenth session added it to stage 2 (about 50 min on 2 cores).
+RDROP_ACCOUNTS := var/train/rdrop-accounts
+$(RDROP_ACCOUNTS)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
+	  --injection-accounts 0.3 --injection-account-gold 0.5
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(RDROP_PAIR))
