@@ -157,6 +157,9 @@ RDROP_ACCOUNTS := var/train/rdrop-accounts
 $(RDROP_ACCOUNTS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  --injection-accounts 0.3 --injection-account-gold 0.5
+ACCOUNTS_PAIR := var/soup/accounts-pair
+$(ACCOUNTS_PAIR)/manifest.json: $(RDROP_ACCOUNTS)/manifest.json $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_ROBUST_B),$(ACCOUNTS_PAIR))
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(RDROP_PAIR))
