@@ -95,12 +95,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def merged_router(manifest: Path = SHIPPED_MANIFEST, qtype: QuantType = SHIPPED_QUANT) -> Path:
-    """``training.merge.cached_merge`` of ``manifest`` at ``qtype`` under ``var/merged/``;
-    by default the shipped router as the fleet serves it. Progress goes to stderr, so
-    ``$(python -c "...print(merged_router())")`` captures the path alone."""
+    """``training.merge.cached_merge`` of ``manifest`` at ``qtype`` (cached under
+    ``var/merged/``); by default the shipped router as the fleet serves it. Progress goes to
+    stderr, so ``$(python -c "...print(merged_router())")`` captures the path alone."""
     from training.merge import cached_merge
 
-    return cached_merge(manifest, qtype, VAR.parent / "merged")
+    return cached_merge(manifest, qtype)
 
 
 def _upload_model(endpoint: str, which: str, shipped: Path = SHIPPED_MANIFEST) -> dict[str, str]:

@@ -15,11 +15,15 @@ what ``thinfleet eval`` on the result measures.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from worker.acquire import sha256_file
 
 QuantType = Literal["Q4_K_M", "Q8_0"]
 
@@ -154,11 +158,6 @@ def cached_merge(manifest_path: Path, qtype: QuantType, cache_root: Path = Path(
     takes 20-30 s on 2 cores). Returns the merged manifest's path. Progress goes to stderr, so
     a shell can capture the printed path alone. Raises ``ValueError`` for a manifest without an
     adapter."""
-    import contextlib
-    import sys
-
-    from worker.acquire import sha256_file
-
     out = cache_root / f"{sha256_file(manifest_path)[:12]}-{qtype.lower()}"
     if (out / "manifest.json").exists():
         return out / "manifest.json"
