@@ -152,15 +152,19 @@ $(RDROP_TRIO)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/man
 # The twenty-eighth session's second trial (docs/experiments/security.md, "The accounts grammar
 # on the R-Drop stage 1"): the shipped pair's first ingredient's command (default order) plus the
 # accounts grammar, as the eighteenth session added it to stage 2 (47 min on 2 cores). Measured:
-# 928 of 1,001 merged to Q8_0 (the pair: 932; the rule: 929); it does not ship.
-RDROP_ACCOUNTS := var/train/rdrop-accounts
+# 928 of 1,001 merged to Q8_0 (the pair: 932; the rule: 929); it does not ship alone. Stored as
+# the accounts pair's first ingredient (the twenty-ninth session's rebuild: 927 as an adapter again).
+RDROP_ACCOUNTS := models/trained/banking77-gemma3-270m-lora-rdrop-accounts
 $(RDROP_ACCOUNTS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  --injection-accounts 0.3 --injection-account-gold 0.5
 # The accounts pair (the twenty-eighth session's third trial, docs/experiments/security.md): the
 # accounts stage 2 and the pair's second order, soup of two. Measured: 930 of 1,001 merged to
-# Q8_0; its 400-ticket gate is owed.
-ACCOUNTS_PAIR := var/soup/accounts-pair
+# Q8_0, out-of-fold ECE 0.010; at 400 tickets 47 of the 59 held-out guard-blind styles meet both
+# targets (mean flips 1.10 %): it passes its rule and is stored, the switch is owed
+# (docs/experiments/security.md, "The accounts pair's gate"). The order-14 ingredient is the
+# training above (47 min) or, exactly, the second half of the stored pair's rank-32 soup.
+ACCOUNTS_PAIR := models/trained/banking77-gemma3-270m-lora-accounts-pair
 $(ACCOUNTS_PAIR)/manifest.json: $(RDROP_ACCOUNTS)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_ROBUST_B),$(ACCOUNTS_PAIR))
 RDROP_PAIR := var/soup/rdrop-pair
