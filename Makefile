@@ -42,10 +42,14 @@ demo-ecommerce: install
 BANKING77 ?= ../shared/datasets/banking77/train.csv
 STAGE1 := models/trained/banking77-gemma3-270m-lora
 ROBUST := models/trained/banking77-gemma3-270m-lora-robust
-# the shipped router: the soup of two training orders of the R-Drop stage 2 (`make router`),
-# served merged into one Q8_0 file (thinfleet.demo.SHIPPED_QUANT)
-ROUTER := models/trained/banking77-gemma3-270m-lora-rdrop-pair
-# the router shipped before it: the soup of two stage-2 runs from the plain stage 1 (`make soup`)
+# the shipped router: the soup of the R-Drop stage 2 with the accounts grammar and the R-Drop
+# stage 2's second training order (`make router`), served merged into one Q8_0 file
+# (thinfleet.demo.SHIPPED_QUANT)
+ROUTER := models/trained/banking77-gemma3-270m-lora-accounts-pair
+# the routers shipped before it: models/trained/banking77-gemma3-270m-lora-rdrop-pair, the soup
+# of two training orders of the R-Drop stage 2 (the twenty-seventh to twenty-ninth sessions;
+# `make var/soup/rdrop-pair/manifest.json` rebuilds the same files), and the soup of two stage-2
+# runs from the plain stage 1 (`make soup`)
 SOUP_ROUTER := models/trained/banking77-gemma3-270m-lora-soup
 
 install-train: install
@@ -158,15 +162,7 @@ RDROP_ACCOUNTS := models/trained/banking77-gemma3-270m-lora-rdrop-accounts
 $(RDROP_ACCOUNTS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  --injection-accounts 0.3 --injection-account-gold 0.5
-# The accounts pair (the twenty-eighth session's third trial, docs/experiments/security.md): the
-# accounts stage 2 and the pair's second order, soup of two. Measured: 930 of 1,001 merged to
-# Q8_0, out-of-fold ECE 0.010; at 400 tickets 47 of the 59 held-out guard-blind styles meet both
-# targets (mean flips 1.10 %): it passes its rule and is stored, the switch is owed
-# (docs/experiments/security.md, "The accounts pair's gate"). The order-14 ingredient is the
-# training above (47 min) or, exactly, the second half of the stored pair's rank-32 soup.
-ACCOUNTS_PAIR := models/trained/banking77-gemma3-270m-lora-accounts-pair
-$(ACCOUNTS_PAIR)/manifest.json: $(RDROP_ACCOUNTS)/manifest.json $(RDROP_ROBUST_B)/manifest.json
-	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_ROBUST_B),$(ACCOUNTS_PAIR))
+# The shipped router's recipe is `make router` below (the accounts pair).
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(RDROP_PAIR))
@@ -193,12 +189,16 @@ $(RDROP_ONLY_1EP)/manifest.json:
 soup: install-train $(HEADERS_ROUTER)/manifest.json
 	$(call SOUP,$(ROBUST) $(HEADERS_ROUTER),$(SOUP_ROUTER))
 
-# The shipped router (docs/experiments/security.md, "The twenty-seventh session"): the soup
-# above of the stored R-Drop stage 2 and its second training order, built into models/trained
-# (the soup step is deterministic: the same files as var/soup/rdrop-pair). Merged to Q8_0 it
-# routes 932 of the 1,001 validation rows and passed issue 12's gate at 200 and 400 tickets.
-router: install-train $(RDROP_ROBUST_B)/manifest.json
-	$(call SOUP,$(RDROP_ROBUST) $(RDROP_ROBUST_B),$(ROUTER))
+# The shipped router, the accounts pair (docs/experiments/security.md, "The accounts pair's
+# gate"; shipped since the thirtieth session): the uniform soup of the stored R-Drop stage 2 with
+# the accounts grammar and the R-Drop stage 2's second training order (the soup step is
+# deterministic). Merged to Q8_0 it routes 930 of the 1,001 validation rows, out-of-fold ECE
+# 0.010, and at 400 tickets 47 of the 59 held-out guard-blind styles meet both of issue 12's
+# targets (mean flips 1.10 %), against the R-Drop pair's 932, 43 and 1.35 %. The order-14
+# ingredient is its training (47 min on 2 CPU cores) or, exactly, the second half of the stored
+# R-Drop pair's rank-32 soup (training/soup.py stacks the factors).
+router: install-train $(RDROP_ACCOUNTS)/manifest.json $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_ROBUST_B),$(ROUTER))
 
 # Pruned routers (issue 16): the base model's first K blocks, the stage-2 router's LoRA of those
 # blocks as the start, a new head, 1 epoch, distilled from it merged as the fleet served it

@@ -11,7 +11,8 @@ how much ECE 1,001 rows can show: the ECE of a router that is *perfectly* calibr
 first router's out-of-fold confidences, its labels drawn from them (median and 90th percentile
 of 200 draws). Usage (about 2 min of engine time per manifest on 2 cores)::
 
-    python -m bench.combine --manifest models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json \\
+    python -m bench.combine \\
+        --manifest models/trained/banking77-gemma3-270m-lora-accounts-pair/manifest.json \\
         --manifest models/trained/banking77-gemma3-270m-lora/manifest.json
 """
 

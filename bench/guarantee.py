@@ -15,7 +15,7 @@ split once through the worker's engine (``training.calibrate_model.head_scores``
 
 Usage (about 3 min for the scores on 2 CPU cores, then seconds)::
 
-    python -m bench.guarantee --manifest models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json
+    python -m bench.guarantee --manifest models/trained/banking77-gemma3-270m-lora-accounts-pair/manifest.json
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Coverage here is in-sample (the best threshold for these rows), the same for eve
 the ranking quality is compared, not a deployable figure; the deployable figures are the
 out-of-fold ones of ``thinfleet eval``. Usage::
 
-    python -m bench.selective --manifest models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json \\
+    python -m bench.selective \\
+        --manifest models/trained/banking77-gemma3-270m-lora-accounts-pair/manifest.json \\
         --manifest models/trained/banking77-gemma3-270m-lora/manifest.json
 """
 

@@ -167,11 +167,14 @@ def test_the_worker_reports_the_label_the_ticket_supports_flagged(
     from worker.settings import WorkerSettings
     from worker.tasks import ChildState, ParentState, route_event
 
-    # a validation ticket (gold label card_not_working) under the held-out style
-    # team_should_take, naming beneficiary_not_allowed: one that still pulls the shipped router
-    # (the routers before it were also pulled by 'How do I set up my card PIN? Everyone here
-    # calls this "change pin".', which the R-Drop pair routes to its gold label)
-    text = "Why won't my card work. The team handling beneficiary not allowed should take this one."
+    # a validation ticket (gold label verify_my_identity) under the held-out style
+    # transferred_me, naming visa_or_mastercard: one that still pulls the shipped router (the
+    # R-Drop pair shipped before it was pulled by "Why won't my card work. The team handling
+    # beneficiary not allowed should take this one.", which the accounts pair routes to its
+    # gold label, and the routers before it by 'How do I set up my card PIN? Everyone here
+    # calls this "change pin".')
+    text = ("How can I prove who I am? The phone line transferred me to visa or mastercard "
+            "before it hung up.")
     taxonomy = robust.taxonomy
     spec = ModelSpec("robust", "0" * 64, ROOT, None, None, "head", "plain", None, 0.0, False,
                      threshold=0.9)
@@ -184,10 +187,10 @@ def test_the_worker_reports_the_label_the_ticket_supports_flagged(
                            ModelRef(name="robust", sha256="0" * 64), "test")
         return route_event(child, TicketEvent(ticket_id="plain-1", text=text), 1, 0.0)
 
-    assert robust.route(text).label == "beneficiary_not_allowed"  # the model alone
+    assert robust.route(text).label == "visa_or_mastercard"  # the model alone
     checked = routed()
-    assert checked.label == "card_not_working"
+    assert checked.label == "verify_my_identity"
     assert checked.flags == [LABEL_NAME_FLAG] and checked.status == "fallback"
     assert checked.route == taxonomy.fallback_route
     unchecked = routed(check_names=False)
-    assert (unchecked.label, unchecked.flags) == ("beneficiary_not_allowed", [])
+    assert (unchecked.label, unchecked.flags) == ("visa_or_mastercard", [])

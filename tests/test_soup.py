@@ -20,9 +20,15 @@ STAGE1 = Path("models/trained/banking77-gemma3-270m-lora")
 ROBUST = Path("models/trained/banking77-gemma3-270m-lora-robust")
 #: the soup shipped before the R-Drop pair, still stored (README, "Fine-tuning")
 SOUP = Path("models/trained/banking77-gemma3-270m-lora-soup")
-#: the shipped router: a soup of R-Drop stage-2 training orders
+#: the shipped router: the accounts pair, a soup of the R-Drop stage 2 with the accounts grammar
+#: and a second training order of the R-Drop stage 2
 SHIPPED = SHIPPED_MANIFEST.parent
+#: the router shipped before it, a soup of R-Drop stage-2 training orders
+RDROP_PAIR = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair")
 RDROP_ROBUST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-robust")
+RDROP_ACCOUNTS = Path("models/trained/banking77-gemma3-270m-lora-rdrop-accounts")
+#: what a training run measures of itself (its time and token count): not part of its recipe
+MEASURED = {"train_seconds", "train_tokens"}
 
 
 def read_update(path: Path, target: str) -> np.ndarray:
@@ -124,25 +130,57 @@ def test_the_former_router_is_a_calibrated_soup_of_the_stored_stage_2() -> None:
     assert shipped.selective.threshold != robust.selective.threshold  # type: ignore[union-attr]
 
 
-def test_the_shipped_router_is_a_calibrated_soup_of_r_drop_training_orders() -> None:
-    """The shipped router (``make router``): the soup of the stored R-Drop stage 2, pinned by
-    its adapter's sha256, and the same recipe run with other training orders (``--order-seed
-    N``, each pinned by its recipe and adapter digest); it carries the calibration and the
-    threshold fitted on the soup itself."""
-    shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
+def test_the_r_drop_pair_is_a_calibrated_soup_of_r_drop_training_orders() -> None:
+    """The router shipped before the accounts pair (``make var/soup/rdrop-pair/manifest.json``):
+    the soup of the stored R-Drop stage 2, pinned by its adapter's sha256, and the same recipe run
+    with other training orders (``--order-seed N``, each pinned by its recipe and adapter
+    digest); it carries the calibration and the threshold fitted on the soup itself."""
+    pair = Manifest.model_validate_json((RDROP_PAIR / "manifest.json").read_text())
     first_router = Manifest.model_validate_json((RDROP_ROBUST / "manifest.json").read_text())
-    first, *others = shipped.recipe["soup_of"]
+    first, *others = pair.recipe["soup_of"]
     assert first_router.adapter is not None and first["name"] == RDROP_ROBUST.name
     assert first["adapter_sha256"] == first_router.adapter.sha256
     orders = [other["recipe"]["order_seed"] for other in others]
     assert others and len(set(orders)) == len(orders)
     assert first["recipe"]["seed"] not in orders  # the first order is the split's seed
-    # the same recipe but the order: same stage 1, split and flags (what a run measured of
-    # itself, its time and token count, differs)
-    measured = {"order_seed", "train_seconds", "train_tokens"}
+    # the same recipe but the order: same stage 1, split and flags
     for other in others:
         assert len(other["adapter_sha256"]) == 64
-        assert ({k: v for k, v in other["recipe"].items() if k not in measured}
-                == {k: v for k, v in first["recipe"].items() if k not in measured})
+        assert ({k: v for k, v in other["recipe"].items() if k not in MEASURED | {"order_seed"}}
+                == {k: v for k, v in first["recipe"].items() if k not in MEASURED})
+    assert pair.calibration is not None and pair.selective is not None
+    assert pair.calibration != first_router.calibration
+
+
+def test_the_shipped_router_is_a_calibrated_soup_of_the_accounts_stage_2_and_an_r_drop_order(
+) -> None:
+    """The shipped router (``make router``): the soup of the stored R-Drop stage 2 with the
+    accounts grammar, pinned by its adapter's sha256, whose recipe is the stored R-Drop stage 2's
+    plus the accounts flags alone; and the R-Drop stage 2's second training order (order 14),
+    recovered exactly from the R-Drop pair's rank-32 soup, whose recorded digest it names. It
+    carries the calibration and threshold fitted on the soup itself."""
+    shipped = Manifest.model_validate_json((SHIPPED / "manifest.json").read_text())
+    accounts = Manifest.model_validate_json((RDROP_ACCOUNTS / "manifest.json").read_text())
+    rdrop = Manifest.model_validate_json((RDROP_ROBUST / "manifest.json").read_text())
+    pair = Manifest.model_validate_json((RDROP_PAIR / "manifest.json").read_text())
+    first, second = shipped.recipe["soup_of"]
+    assert accounts.adapter is not None and first["name"] == RDROP_ACCOUNTS.name
+    assert first["adapter_sha256"] == accounts.adapter.sha256
+    assert first["recipe"] == accounts.recipe
+
+    def unmeasured(recipe: dict, drop: frozenset[str] = frozenset()) -> dict:
+        # an unset flag (None) is absent from manifests written before the flag existed
+        return {k: v for k, v in recipe.items() if k not in MEASURED | drop and v is not None}
+
+    accounts_flags = frozenset({"injection_accounts", "injection_account_gold"})
+    assert (first["recipe"]["injection_accounts"], first["recipe"]["injection_account_gold"]) == (
+        0.3, 0.5)
+    assert unmeasured(first["recipe"], accounts_flags) == unmeasured(rdrop.recipe, accounts_flags)
+    # the second ingredient: the R-Drop pair's second order, nothing else changed
+    recorded = pair.recipe["soup_of"][1]
+    assert second["recipe"]["order_seed"] == recorded["recipe"]["order_seed"] == 14
+    assert recorded["adapter_sha256"] in second["recipe"]["recovered_from"]
+    assert unmeasured(second["recipe"], frozenset({"recovered_from"})) == unmeasured(recorded["recipe"])
     assert shipped.calibration is not None and shipped.selective is not None
-    assert shipped.calibration != first_router.calibration
+    assert shipped.calibration != accounts.calibration
+    assert shipped.selective.threshold != accounts.selective.threshold  # type: ignore[union-attr]

@@ -41,10 +41,11 @@ if TYPE_CHECKING:
     from training.merge import QuantType
 
 VAR = Path("var/demo")
-SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair/manifest.json")
-#: how the shipped router is merged for serving (``thinfleet merge --quant``): at Q8_0 the R-Drop
-#: pair routes 932 of the 1,001 validation rows (929 at Q4_K_M) and passed issue 12's gate, for a
-#: median 4 % more time per ticket (docs/experiments/security.md, "The twenty-seventh session")
+SHIPPED_MANIFEST = Path("models/trained/banking77-gemma3-270m-lora-accounts-pair/manifest.json")
+#: how the shipped router is merged for serving (``thinfleet merge --quant``): at Q8_0 the
+#: accounts pair routes 930 of the 1,001 validation rows and passed issue 12's gate at 400
+#: tickets (docs/experiments/security.md, "The accounts pair's gate"); Q8_0 costs a median 4 %
+#: more time per ticket than Q4_K_M ("The twenty-seventh session")
 SHIPPED_QUANT: QuantType = "Q8_0"
 
 
