@@ -321,6 +321,14 @@ def test_eval_reports_the_coverage_a_guarantee_leaves() -> None:
     # the guarantee costs coverage: never more than the estimated threshold's at 95 %
     assert 0 <= sure["by_target"]["0.95"]["coverage"] <= oof["coverage"]
     assert sure["by_target"]["0.99"]["coverage"] <= sure["by_target"]["0.95"]["coverage"]
+    # what a stated target gets on held-out folds: the precision target's own figures, and a
+    # stricter target routes fewer tickets, never more than the estimate it guarantees
+    estimated = oof["estimated"]["by_target"]
+    assert set(estimated) == {"0.95", "0.98", "0.99"}
+    assert estimated["0.95"] == {"coverage": oof["coverage"], "precision": oof["precision"]}
+    assert estimated["0.99"]["coverage"] <= estimated["0.98"]["coverage"] <= oof["coverage"]
+    for target, held in estimated.items():
+        assert sure["by_target"][target]["coverage"] <= held["coverage"]
     # the coverage figures carry their bootstrap intervals into the report
     low, high = oof["coverage_at_precision_interval"]["0.99"]
     assert low <= oof["coverage_at_precision"]["0.99"] <= high
