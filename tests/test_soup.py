@@ -28,7 +28,13 @@ RDROP_PAIR = Path("models/trained/banking77-gemma3-270m-lora-rdrop-pair")
 RDROP_ROBUST = Path("models/trained/banking77-gemma3-270m-lora-rdrop-robust")
 RDROP_ACCOUNTS = Path("models/trained/banking77-gemma3-270m-lora-rdrop-accounts")
 #: what a training run measures of itself (its time and token count): not part of its recipe
-MEASURED = {"train_seconds", "train_tokens"}
+MEASURED = frozenset({"train_seconds", "train_tokens"})
+
+
+def unmeasured(recipe: dict, drop: frozenset[str] = frozenset()) -> dict:
+    """``recipe`` without what the run measured, the keys in ``drop`` and unset flags (None:
+    absent from manifests written before the flag existed)."""
+    return {k: v for k, v in recipe.items() if k not in MEASURED | drop and v is not None}
 
 
 def read_update(path: Path, target: str) -> np.ndarray:
@@ -146,8 +152,8 @@ def test_the_r_drop_pair_is_a_calibrated_soup_of_r_drop_training_orders() -> Non
     # the same recipe but the order: same stage 1, split and flags
     for other in others:
         assert len(other["adapter_sha256"]) == 64
-        assert ({k: v for k, v in other["recipe"].items() if k not in MEASURED | {"order_seed"}}
-                == {k: v for k, v in first["recipe"].items() if k not in MEASURED})
+        assert (unmeasured(other["recipe"], frozenset({"order_seed"}))
+                == unmeasured(first["recipe"]))
     assert pair.calibration is not None and pair.selective is not None
     assert pair.calibration != first_router.calibration
 
@@ -167,10 +173,6 @@ def test_the_shipped_router_is_a_calibrated_soup_of_the_accounts_stage_2_and_an_
     assert accounts.adapter is not None and first["name"] == RDROP_ACCOUNTS.name
     assert first["adapter_sha256"] == accounts.adapter.sha256
     assert first["recipe"] == accounts.recipe
-
-    def unmeasured(recipe: dict, drop: frozenset[str] = frozenset()) -> dict:
-        # an unset flag (None) is absent from manifests written before the flag existed
-        return {k: v for k, v in recipe.items() if k not in MEASURED | drop and v is not None}
 
     accounts_flags = frozenset({"injection_accounts", "injection_account_gold"})
     assert (first["recipe"]["injection_accounts"], first["recipe"]["injection_account_gold"]) == (
