@@ -162,6 +162,17 @@ RDROP_ACCOUNTS := models/trained/banking77-gemma3-270m-lora-rdrop-accounts
 $(RDROP_ACCOUNTS)/manifest.json: $(RDROP_STAGE1)/manifest.json
 	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
 	  --injection-accounts 0.3 --injection-account-gold 0.5
+# A smaller accounts share, more of it naming the gold label (the thirty-first session,
+# docs/experiments/security.md, "A smaller accounts share"): the accounts run's command with
+# 15 % of the attacked copies taking an account instead of 30 %, two in three naming the gold
+# label instead of one in two; alone and souped with order 14 as the accounts pair is.
+RDROP_ACCOUNTS_SMALL := var/train/rdrop-accounts-015
+$(RDROP_ACCOUNTS_SMALL)/manifest.json: $(RDROP_STAGE1)/manifest.json
+	$(TRAIN_BANKING77) --out $(RDROP_ACCOUNTS_SMALL) $(call STAGE2_FROM,$(RDROP_STAGE1)) --epochs 1.0 \
+	  --injection-accounts 0.15 --injection-account-gold 0.67
+ACCOUNTS_SMALL_PAIR := var/soup/accounts-015-pair
+$(ACCOUNTS_SMALL_PAIR)/manifest.json: $(RDROP_ACCOUNTS_SMALL)/manifest.json $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ACCOUNTS_SMALL) $(RDROP_ROBUST_B),$(ACCOUNTS_SMALL_PAIR))
 # The shipped router's recipe is `make router` below (the accounts pair).
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
