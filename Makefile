@@ -175,6 +175,16 @@ $(RDROP_ACCOUNTS_SMALL)/manifest.json: $(RDROP_STAGE1)/manifest.json
 ACCOUNTS_SMALL_PAIR := var/soup/accounts-015-pair
 $(ACCOUNTS_SMALL_PAIR)/manifest.json: $(RDROP_ACCOUNTS_SMALL)/manifest.json $(RDROP_ROBUST_B)/manifest.json
 	$(call SOUP,$(RDROP_ACCOUNTS_SMALL) $(RDROP_ROBUST_B),$(ACCOUNTS_SMALL_PAIR))
+# The thirty-third session's soups (docs/experiments/security.md, "The gold-header run in the
+# soup"): the accounts run with the stored R-Drop gold-header run, and with order 14 as well; no
+# training, seconds to build, about 5 min each to calibrate and evaluate.
+HEADERS_PAIR := var/soup/accounts-goldheaders
+$(HEADERS_PAIR)/manifest.json: $(RDROP_ACCOUNTS)/manifest.json $(RDROP_HEADERS)/manifest.json
+	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_HEADERS),$(HEADERS_PAIR))
+HEADERS_TRIO := var/soup/accounts-goldheaders-order14
+$(HEADERS_TRIO)/manifest.json: $(RDROP_ACCOUNTS)/manifest.json $(RDROP_HEADERS)/manifest.json \
+  $(RDROP_ROBUST_B)/manifest.json
+	$(call SOUP,$(RDROP_ACCOUNTS) $(RDROP_HEADERS) $(RDROP_ROBUST_B),$(HEADERS_TRIO))
 # The shipped router's recipe is `make router` below (the accounts pair).
 RDROP_PAIR := var/soup/rdrop-pair
 $(RDROP_PAIR)/manifest.json: $(RDROP_ROBUST)/manifest.json $(RDROP_ROBUST_B)/manifest.json
