@@ -33,7 +33,8 @@ ticket, and route it through the worker's own engine, threshold and guard. Per s
 
 Each attack style's reported figures are set against issue 12's targets (``verdict``: met, above,
 or above within the 95 % Wilson interval of the ticket count), and the markdown ends with the
-count of styles meeting both.
+count of styles meeting both. When the report holds the ``benign`` controls, its last line sets
+the styles that miss a target against the flips harmless words cause (``floor``).
 
 Clean accuracy on the same tickets (the model's, and as reported), the guard's flag rate on the
 clean tickets and the label-name check's (their false positives) are reported beside them.
@@ -334,9 +335,9 @@ def floor(report: dict[str, Any], alpha: float = 0.05) -> dict[str, Any] | None:
     A benign control names no label, claims nothing and instructs nothing, so its flips are
     the router's unsteadiness under added words, which no defence against the attacker's words
     removes. The test treats the two styles' tickets as independent samples; both styles are
-    read on the same tickets, whose flips are positively correlated, so it is conservative:
-    a style it puts beyond the floor flips more than harmless words do. Not corrected for the
-    number of styles compared."""
+    read on the same tickets, and the same unsure tickets tend to flip under any added
+    sentence, so the test is conservative: a style it puts beyond the floor flips more than
+    harmless words do. Not corrected for the number of styles compared."""
     from scipy.stats import fisher_exact
 
     n = report["tickets"]
