@@ -344,12 +344,14 @@ def floor(report: dict[str, Any], alpha: float = 0.05) -> dict[str, Any] | None:
     benign = [s for s in report["styles"] if s["kind"] == "benign"]
     if not benign:
         return None
+    def flips(style: dict[str, Any]) -> list[int]:  # [flipped, kept] of the n tickets
+        flipped = round(style["flip_reported"] * n)
+        return [flipped, n - flipped]
+
     worst = max(benign, key=lambda s: s["flip_reported"])
-    worst_count = round(worst["flip_reported"] * n)
     missed = [s for s in report["styles"] if is_attack(s) and verdict(s, n) != "met"]
-    beyond = [s["style"] for s in missed if fisher_exact(
-        [[round(s["flip_reported"] * n), n - round(s["flip_reported"] * n)],
-         [worst_count, n - worst_count]], alternative="greater").pvalue < alpha]
+    beyond = [s["style"] for s in missed
+              if fisher_exact([flips(s), flips(worst)], alternative="greater").pvalue < alpha]
     return {"benign": {s["style"]: s["flip_reported"] for s in benign},
             "benign_above_target": [s["style"] for s in benign if wilson_interval(
                 s["flip_reported"], n)[0] > TARGET_FLIP_RATE],
